@@ -1,0 +1,184 @@
+//! `metaraft bench`: a closed-loop load generator.
+//!
+//! `concurrency` workers each keep one request in flight for `duration`, over `keys` keys with
+//! `value_size`-byte values; `read_ratio` of operations are Gets at the chosen consistency, spread
+//! round-robin over all endpoints. Prints throughput and p50/p99/p99.9 latency (HDR histogram),
+//! optionally as JSON.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::Args;
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+
+use crate::cli::ConsistencyArg;
+use metaraft::client::Client;
+use metaraft::pb;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+    )]
+    pub endpoints: Vec<String>,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    #[arg(long, default_value_t = 256)]
+    pub value_size: usize,
+    /// Fraction of operations that are reads (0.0 - 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    pub read_ratio: f64,
+    #[arg(long, value_enum, default_value = "linearizable")]
+    pub consistency: ConsistencyArg,
+    /// Seconds of measurement.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Write every key once before measuring (so reads find values).
+    #[arg(long)]
+    pub preload: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Stats {
+    hist: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+}
+
+pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
+    if a.concurrency == 0 || a.keys == 0 || a.duration == 0 {
+        bail!("--concurrency, --keys and --duration must be > 0");
+    }
+    if !(0.0..=1.0).contains(&a.read_ratio) {
+        bail!("--read-ratio must be between 0 and 1");
+    }
+    // One client per endpoint: workers are spread evenly so reads hit every node.
+    let clients: Vec<Arc<Client>> = a
+        .endpoints
+        .iter()
+        .map(|e| Client::new(std::slice::from_ref(e), Duration::from_secs(10)).map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    let value = vec![b'x'; a.value_size];
+    if a.preload {
+        let c = Arc::new(Client::new(&a.endpoints, Duration::from_secs(10))?);
+        let mut set = tokio::task::JoinSet::new();
+        let next = Arc::new(AtomicU64::new(0));
+        for _ in 0..a.concurrency.min(64) {
+            let (c, next, value, keys) = (c.clone(), next.clone(), value.clone(), a.keys);
+            set.spawn(async move {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= keys {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    c.put(pb::PutRequest {
+                        key: key(k),
+                        value: value.clone(),
+                        ..Default::default()
+                    })
+                    .await?;
+                }
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r??;
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut set = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    for w in 0..a.concurrency {
+        let c = clients[w % clients.len()].clone();
+        let (stop, value, a) = (stop.clone(), value.clone(), a.clone());
+        set.spawn(async move {
+            let mut st = Stats {
+                hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
+                ok: 0,
+                errors: 0,
+            };
+            let mut rng = rand::rngs::StdRng::from_entropy();
+            let mut kv = c.kv_at(0);
+            while !stop.load(Ordering::Relaxed) {
+                let k = key(rng.gen_range(0..a.keys));
+                let t = Instant::now();
+                let r = if rng.gen_bool(a.read_ratio) {
+                    let read = Some(pb::ReadOptions {
+                        consistency: a.consistency.to_pb() as i32,
+                        min_revision: 0,
+                        max_lag: 0,
+                    });
+                    kv.get(pb::GetRequest { key: k, read }).await.map(|_| ())
+                } else {
+                    let request_id = metaraft::client::new_request_id();
+                    kv.put(pb::PutRequest {
+                        key: k,
+                        value: value.clone(),
+                        expected_revision: None,
+                        request_id,
+                    })
+                    .await
+                    .map(|_| ())
+                };
+                match r {
+                    Ok(()) => {
+                        st.ok += 1;
+                        let _ = st.hist.record(t.elapsed().as_micros().max(1) as u64);
+                    }
+                    Err(_) => {
+                        st.errors += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            st
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(a.duration)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Stats {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        ok: 0,
+        errors: 0,
+    };
+    while let Some(r) = set.join_next().await {
+        let s = r?;
+        total.hist.add(&s.hist)?;
+        total.ok += s.ok;
+        total.errors += s.errors;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let ms = |q: f64| total.hist.value_at_quantile(q) as f64 / 1000.0;
+    let tput = total.ok as f64 / secs;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "target": "metaraft", "concurrency": a.concurrency, "keys": a.keys, "value_size": a.value_size,
+                "read_ratio": a.read_ratio, "consistency": format!("{:?}", a.consistency).to_lowercase(),
+                "seconds": secs, "ok": total.ok, "errors": total.errors, "ops_per_sec": tput,
+                "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": total.hist.max() as f64 / 1000.0,
+            })
+        );
+    } else {
+        println!(
+            "metaraft: {:.0} ops/s  ok {}  errors {}  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  ({} in flight, {:.0}% reads, {}-byte values, {:.1}s)",
+            tput, total.ok, total.errors, ms(0.5), ms(0.99), ms(0.999), a.concurrency, a.read_ratio * 100.0, a.value_size, secs
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn key(k: u64) -> Vec<u8> {
+    format!("bench/{k:010}").into_bytes()
+}

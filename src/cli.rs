@@ -1,0 +1,526 @@
+//! Command line: `serve`, `dev`, `kv`, `cluster`, `bench`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use metaraft::client::Client;
+use metaraft::config::Config;
+use metaraft::pb;
+
+#[derive(Parser, Debug)]
+#[command(name = "metaraft", version, about = "Raft-replicated metadata service")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run one node.
+    Serve(ServeArgs),
+    /// Run a local 3-node cluster on loopback until Ctrl-C (data kept for the next run).
+    Dev(DevArgs),
+    /// Key/value operations.
+    Kv {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        op: KvCmd,
+    },
+    /// Cluster status and membership.
+    Cluster {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        op: ClusterCmd,
+    },
+    /// Load generator: throughput and latency percentiles.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// Client endpoints, host:port, comma separated (any node).
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+    )]
+    pub endpoints: Vec<String>,
+    /// Per-request timeout in milliseconds.
+    #[arg(long, global = true, default_value_t = 15000)]
+    pub timeout_ms: u64,
+}
+
+impl Conn {
+    pub fn client(&self) -> Result<Client> {
+        Ok(Client::new(
+            &self.endpoints,
+            Duration::from_millis(self.timeout_ms),
+        )?)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML config file (see deploy/metaraft.toml). Flags override its keys.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub node_id: Option<u64>,
+    #[arg(long)]
+    pub client_addr: Option<String>,
+    #[arg(long)]
+    pub peer_addr: Option<String>,
+    /// HTTP ops address; empty disables it.
+    #[arg(long)]
+    pub ops_addr: Option<String>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Initial members as id=peer_host:port, comma separated.
+    #[arg(long)]
+    pub initial_members: Option<String>,
+    /// Override raft.snapshot_logs_since_last.
+    #[arg(long)]
+    pub snapshot_logs_since_last: Option<u64>,
+    /// Override raft.max_in_snapshot_log_to_keep.
+    #[arg(long)]
+    pub max_in_snapshot_log_to_keep: Option<u64>,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Where the three nodes keep their data.
+    #[arg(long, default_value = "metaraft-dev")]
+    pub dir: PathBuf,
+    /// First client port; nodes use base, base+1, base+2 (peer +100, ops +200).
+    #[arg(long, default_value_t = 7001)]
+    pub base_port: u16,
+    #[arg(long, default_value = "warn,metaraft=info")]
+    pub log: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum ConsistencyArg {
+    Linearizable,
+    Session,
+    Stale,
+}
+
+impl ConsistencyArg {
+    pub fn to_pb(self) -> pb::Consistency {
+        match self {
+            ConsistencyArg::Linearizable => pb::Consistency::Linearizable,
+            ConsistencyArg::Session => pb::Consistency::Session,
+            ConsistencyArg::Stale => pb::Consistency::Stale,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KvCmd {
+    /// Write a value; prints the revision.
+    Put {
+        key: String,
+        value: String,
+        /// Compare-and-set: only if the key is at this revision (0 = must not exist).
+        #[arg(long)]
+        expected_revision: Option<u64>,
+        /// Idempotency key (generated when absent).
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Print a value.
+    Get {
+        key: String,
+        #[arg(long, value_enum, default_value = "linearizable")]
+        consistency: ConsistencyArg,
+        #[arg(long, default_value_t = 0)]
+        min_revision: u64,
+        #[arg(long, default_value_t = 0)]
+        max_lag: u64,
+    },
+    /// Delete a key; prints the revision.
+    Delete {
+        key: String,
+        #[arg(long)]
+        expected_revision: Option<u64>,
+    },
+    /// List keys with a prefix, one page.
+    List {
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, default_value = "")]
+        start_after: String,
+        #[arg(long, value_enum, default_value = "linearizable")]
+        consistency: ConsistencyArg,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Leader, term, and each member's role, log, commit, applied index and lag.
+    Status {
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+        /// Include each member's state hash (CRC32 of the state machine at its applied index).
+        #[arg(long)]
+        hash: bool,
+    },
+    /// Add a non-voting learner.
+    AddLearner {
+        node_id: u64,
+        peer_addr: String,
+        #[arg(long, default_value = "")]
+        client_addr: String,
+    },
+    /// Make a learner a voter.
+    Promote { node_id: u64 },
+    /// Remove a member (voter or learner).
+    Remove { node_id: u64 },
+    /// Hand leadership to a voter.
+    TransferLeader { node_id: u64 },
+}
+
+fn init_tracing(filter: &str) -> Result<()> {
+    let f = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("bad --log filter {filter:?}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(f)
+        .with_target(false)
+        .init();
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Serve(a) => serve(a),
+        Cmd::Dev(a) => dev(a),
+        Cmd::Kv { conn, op } => runtime()?.block_on(kv(conn, op)),
+        Cmd::Cluster { conn, op } => runtime()?.block_on(cluster(conn, op)),
+        Cmd::Bench(a) => runtime()?.block_on(crate::bench::run(a)),
+    }
+}
+
+pub fn build_config(a: &ServeArgs) -> Result<Config> {
+    let mut c = match &a.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(v) = a.node_id {
+        c.node_id = v;
+    }
+    if let Some(v) = &a.client_addr {
+        c.client_addr = v.clone();
+    }
+    if let Some(v) = &a.peer_addr {
+        c.peer_addr = v.clone();
+    }
+    if let Some(v) = &a.ops_addr {
+        c.ops_addr = v.clone();
+    }
+    if let Some(v) = &a.data_dir {
+        c.data_dir = v.clone();
+    }
+    if let Some(v) = &a.initial_members {
+        c.initial_members = Config::parse_members(v)?;
+    }
+    if let Some(v) = a.snapshot_logs_since_last {
+        c.raft.snapshot_logs_since_last = v;
+    }
+    if let Some(v) = a.max_in_snapshot_log_to_keep {
+        c.raft.max_in_snapshot_log_to_keep = v;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<ExitCode> {
+    let c = build_config(&a)?;
+    init_tracing(&a.log)?;
+    runtime()?.block_on(async move {
+        let s = metaraft::server::Server::start(c).await?;
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        s.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn dev(a: DevArgs) -> Result<ExitCode> {
+    init_tracing(&a.log)?;
+    let base = a.base_port;
+    let members: std::collections::BTreeMap<u64, String> = (1..=3u64)
+        .map(|i| (i, format!("127.0.0.1:{}", base + 100 + i as u16 - 1)))
+        .collect();
+    let configs: Vec<Config> = (1..=3u64)
+        .map(|i| {
+            let off = i as u16 - 1;
+            Config {
+                node_id: i,
+                client_addr: format!("127.0.0.1:{}", base + off),
+                peer_addr: format!("127.0.0.1:{}", base + 100 + off),
+                ops_addr: format!("127.0.0.1:{}", base + 200 + off),
+                data_dir: a.dir.join(format!("node{i}")),
+                initial_members: members.clone(),
+                ..Default::default()
+            }
+        })
+        .collect();
+    runtime()?.block_on(async move {
+        let mut servers = Vec::new();
+        for c in &configs {
+            servers.push(
+                metaraft::server::Server::start(c.clone())
+                    .await
+                    .with_context(|| format!("node {}", c.node_id))?,
+            );
+        }
+        println!("metaraft dev cluster: data under {}", a.dir.display());
+        for c in &configs {
+            println!(
+                "  node {}: client {}  peer {}  ops http://{}/metrics",
+                c.node_id, c.client_addr, c.peer_addr, c.ops_addr
+            );
+        }
+        let eps: Vec<String> = configs.iter().map(|c| c.client_addr.clone()).collect();
+        println!(
+            "try: metaraft kv put hello world --endpoints {}",
+            eps.join(",")
+        );
+        println!("Ctrl-C stops the cluster; the next `metaraft dev` resumes with its data.");
+        wait_for_signal().await;
+        println!("stopping...");
+        for s in servers {
+            s.shutdown().await;
+        }
+        println!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn read_opts(c: ConsistencyArg, min_revision: u64, max_lag: u64) -> Option<pb::ReadOptions> {
+    Some(pb::ReadOptions {
+        consistency: c.to_pb() as i32,
+        min_revision,
+        max_lag,
+    })
+}
+
+async fn kv(conn: Conn, op: KvCmd) -> Result<ExitCode> {
+    let c = conn.client()?;
+    match op {
+        KvCmd::Put {
+            key,
+            value,
+            expected_revision,
+            request_id,
+        } => {
+            let r = c
+                .put(pb::PutRequest {
+                    key: key.into_bytes(),
+                    value: value.into_bytes(),
+                    expected_revision,
+                    request_id,
+                })
+                .await?;
+            println!("revision {}", r.revision);
+        }
+        KvCmd::Get {
+            key,
+            consistency,
+            min_revision,
+            max_lag,
+        } => {
+            let r = c
+                .get(pb::GetRequest {
+                    key: key.into_bytes(),
+                    read: read_opts(consistency, min_revision, max_lag),
+                })
+                .await?;
+            match r.kv {
+                Some(kv) => println!("{}", String::from_utf8_lossy(&kv.value)),
+                None => {
+                    eprintln!("not found (applied index {})", r.applied_index);
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+        KvCmd::Delete {
+            key,
+            expected_revision,
+        } => {
+            let r = c
+                .delete(pb::DeleteRequest {
+                    key: key.into_bytes(),
+                    expected_revision,
+                    request_id: String::new(),
+                })
+                .await?;
+            println!("revision {} deleted {}", r.revision, r.deleted);
+        }
+        KvCmd::List {
+            prefix,
+            limit,
+            start_after,
+            consistency,
+        } => {
+            let r = c
+                .range(pb::RangeRequest {
+                    prefix: prefix.into_bytes(),
+                    start_after: start_after.into_bytes(),
+                    limit,
+                    read: read_opts(consistency, 0, 0),
+                    keys_only: false,
+                })
+                .await?;
+            for kv in &r.kvs {
+                println!(
+                    "{}\t{}\trev={}",
+                    String::from_utf8_lossy(&kv.key),
+                    String::from_utf8_lossy(&kv.value),
+                    kv.mod_revision
+                );
+            }
+            if r.more {
+                if let Some(last) = r.kvs.last() {
+                    eprintln!(
+                        "(more: --start-after {})",
+                        String::from_utf8_lossy(&last.key)
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_json(s: &pb::ClusterStatusResponse) -> serde_json::Value {
+    serde_json::json!({
+        "leader": s.leader,
+        "term": s.term,
+        "answered_by": s.answered_by,
+        "members": s.members.iter().map(|m| serde_json::json!({
+            "node_id": m.node_id,
+            "role": m.role,
+            "voter": m.voter,
+            "peer_addr": m.peer_addr,
+            "client_addr": m.client_addr,
+            "term": m.term,
+            "last_log_index": m.last_log_index,
+            "commit_index": m.commit_index,
+            "applied_index": m.applied_index,
+            "lag": m.lag,
+            "state_hash": m.state_hash.map(|h| format!("{h:08x}")),
+            "hash_index": m.hash_index,
+            "error": if m.error.is_empty() { None } else { Some(&m.error) },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn cluster(conn: Conn, op: ClusterCmd) -> Result<ExitCode> {
+    let c = conn.client()?;
+    let show = |r: pb::MembershipResponse| {
+        println!(
+            "ok at revision {}: voters {:?} learners {:?}",
+            r.revision, r.voters, r.learners
+        )
+    };
+    match op {
+        ClusterCmd::Status { output, hash } => {
+            let s = c.status(hash).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+            } else {
+                match s.leader {
+                    Some(l) => println!("leader: node {l}   term: {}", s.term),
+                    None => println!("leader: none known   term: {}", s.term),
+                }
+                println!(
+                    "{:<6} {:<12} {:<22} {:>10} {:>10} {:>10} {:>8}  {}",
+                    "node",
+                    "role",
+                    "peer",
+                    "last_log",
+                    "commit",
+                    "applied",
+                    "lag",
+                    if hash { "hash@index" } else { "" }
+                );
+                for m in &s.members {
+                    let lag = m.lag.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+                    let h = match (m.state_hash, m.hash_index) {
+                        (Some(h), Some(i)) => format!("{h:08x}@{i}"),
+                        _ => String::new(),
+                    };
+                    println!(
+                        "{:<6} {:<12} {:<22} {:>10} {:>10} {:>10} {:>8}  {}{}",
+                        m.node_id,
+                        m.role,
+                        m.peer_addr,
+                        m.last_log_index,
+                        m.commit_index,
+                        m.applied_index,
+                        lag,
+                        h,
+                        if m.error.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", m.error)
+                        }
+                    );
+                }
+            }
+        }
+        ClusterCmd::AddLearner {
+            node_id,
+            peer_addr,
+            client_addr,
+        } => show(c.add_learner(node_id, peer_addr, client_addr).await?),
+        ClusterCmd::Promote { node_id } => show(c.promote(node_id).await?),
+        ClusterCmd::Remove { node_id } => show(c.remove(node_id).await?),
+        ClusterCmd::TransferLeader { node_id } => {
+            if node_id == 0 {
+                bail!("node_id must be >= 1");
+            }
+            show(c.transfer_leader(node_id).await?)
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

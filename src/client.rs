@@ -1,0 +1,226 @@
+//! Client library for the Kv and Cluster services: several endpoints, fail-over on UNAVAILABLE.
+//! Used by the CLI, `metaraft bench` and the cluster tests.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::pb;
+use crate::pb::cluster_client::ClusterClient;
+use crate::pb::kv_client::KvClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no endpoints given")]
+    NoEndpoints,
+    #[error("bad endpoint {0:?}: {1}")]
+    BadEndpoint(String, String),
+    #[error("{0}")]
+    Status(#[from] Status),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+pub struct Client {
+    endpoints: Vec<String>,
+    channels: Vec<Channel>,
+    next: AtomicUsize,
+    timeout: Duration,
+}
+
+/// A random 128-bit request id, so retries of one logical write are recognised.
+pub fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn fill_request_id(id: &mut String) {
+    if id.is_empty() {
+        *id = new_request_id();
+    }
+}
+
+/// Whether another endpoint might succeed where this one failed.
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
+}
+
+impl Client {
+    /// `endpoints`: `host:port` of client ports. Channels connect lazily.
+    pub fn new(endpoints: &[String], timeout: Duration) -> Result<Client, ClientError> {
+        if endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let mut channels = Vec::new();
+        for e in endpoints {
+            let ep = Endpoint::from_shared(format!("http://{e}"))
+                .map_err(|err| ClientError::BadEndpoint(e.clone(), err.to_string()))?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(timeout)
+                .tcp_nodelay(true);
+            channels.push(ep.connect_lazy());
+        }
+        Ok(Client {
+            endpoints: endpoints.to_vec(),
+            channels,
+            next: AtomicUsize::new(0),
+            timeout,
+        })
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// A client pinned to endpoint `i` (no fail-over), for tests and per-node reads.
+    pub fn kv_at(&self, i: usize) -> KvClient<Channel> {
+        KvClient::new(self.channels[i % self.channels.len()].clone())
+    }
+
+    pub fn cluster_at(&self, i: usize) -> ClusterClient<Channel> {
+        ClusterClient::new(self.channels[i % self.channels.len()].clone())
+    }
+
+    /// Tries endpoints round-robin until one answers with something other than UNAVAILABLE.
+    async fn with_failover<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.channels.len();
+        let mut last = None;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        // Two rounds: an election may be in progress during the first.
+        for attempt in 0..(2 * n) {
+            let ch = self.channels[(start + attempt) % n].clone();
+            match f(ch).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if retryable(&s) && tokio::time::Instant::now() < deadline => {
+                    last = Some(s);
+                    if attempt + 1 == n {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                Err(s) => return Err(s.into()),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| Status::unavailable("no endpoint answered"))
+            .into())
+    }
+
+    /// Puts; a missing request id is filled in so fail-over retries never apply twice.
+    pub async fn put(&self, mut req: pb::PutRequest) -> Result<pb::PutResponse, ClientError> {
+        fill_request_id(&mut req.request_id);
+        self.with_failover(|ch| {
+            let r = req.clone();
+            async move { KvClient::new(ch).put(r).await }
+        })
+        .await
+    }
+
+    pub async fn get(&self, req: pb::GetRequest) -> Result<pb::GetResponse, ClientError> {
+        self.with_failover(|ch| {
+            let r = req.clone();
+            async move { KvClient::new(ch).get(r).await }
+        })
+        .await
+    }
+
+    pub async fn delete(
+        &self,
+        mut req: pb::DeleteRequest,
+    ) -> Result<pb::DeleteResponse, ClientError> {
+        fill_request_id(&mut req.request_id);
+        self.with_failover(|ch| {
+            let r = req.clone();
+            async move { KvClient::new(ch).delete(r).await }
+        })
+        .await
+    }
+
+    pub async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse, ClientError> {
+        self.with_failover(|ch| {
+            let r = req.clone();
+            async move { KvClient::new(ch).range(r).await }
+        })
+        .await
+    }
+
+    pub async fn txn(&self, mut req: pb::TxnRequest) -> Result<pb::TxnResponse, ClientError> {
+        fill_request_id(&mut req.request_id);
+        self.with_failover(|ch| {
+            let r = req.clone();
+            async move { KvClient::new(ch).txn(r).await }
+        })
+        .await
+    }
+
+    pub async fn status(&self, with_hash: bool) -> Result<pb::ClusterStatusResponse, ClientError> {
+        self.with_failover(|ch| async move {
+            ClusterClient::new(ch)
+                .status(pb::ClusterStatusRequest { with_hash })
+                .await
+        })
+        .await
+    }
+
+    pub async fn add_learner(
+        &self,
+        node_id: u64,
+        peer_addr: String,
+        client_addr: String,
+    ) -> Result<pb::MembershipResponse, ClientError> {
+        self.with_failover(|ch| {
+            let r = pb::AddLearnerRequest {
+                node_id,
+                peer_addr: peer_addr.clone(),
+                client_addr: client_addr.clone(),
+            };
+            async move { ClusterClient::new(ch).add_learner(r).await }
+        })
+        .await
+    }
+
+    pub async fn promote(&self, node_id: u64) -> Result<pb::MembershipResponse, ClientError> {
+        self.with_failover(|ch| async move {
+            ClusterClient::new(ch)
+                .promote(pb::NodeIdRequest { node_id })
+                .await
+        })
+        .await
+    }
+
+    pub async fn remove(&self, node_id: u64) -> Result<pb::MembershipResponse, ClientError> {
+        self.with_failover(|ch| async move {
+            ClusterClient::new(ch)
+                .remove(pb::NodeIdRequest { node_id })
+                .await
+        })
+        .await
+    }
+
+    pub async fn transfer_leader(
+        &self,
+        node_id: u64,
+    ) -> Result<pb::MembershipResponse, ClientError> {
+        self.with_failover(|ch| async move {
+            ClusterClient::new(ch)
+                .transfer_leader(pb::NodeIdRequest { node_id })
+                .await
+        })
+        .await
+    }
+}

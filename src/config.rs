@@ -1,0 +1,350 @@
+//! Node configuration: one TOML file (see `deploy/metaraft.toml`), every key optional with a
+//! documented default, command-line flags override it, `validate()` names the bad key.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("invalid config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// One node's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's id (>= 1, never reused). Required.
+    pub node_id: u64,
+    /// Client gRPC listen address. Default 127.0.0.1:7001.
+    pub client_addr: String,
+    /// Peer (Raft) gRPC listen address; also how other members reach this node. Default 127.0.0.1:7101.
+    pub peer_addr: String,
+    /// HTTP ops address (/healthz, /readyz, /metrics). Default 127.0.0.1:7201. Empty disables it.
+    pub ops_addr: String,
+    /// Data directory (log, state machine, snapshots). Default ./data.
+    pub data_dir: PathBuf,
+    /// Members that form the cluster on first start: node id -> peer address. Every initial member
+    /// must be given the same map. Empty: the node waits to be added as a learner.
+    pub initial_members: BTreeMap<u64, String>,
+    pub raft: RaftConfig,
+    pub limits: Limits,
+}
+
+/// Raft timing and log retention. Defaults chosen for a LAN of 3-5 nodes with fsync ~1 ms.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    /// Leader heartbeat interval (ms). Default 100.
+    pub heartbeat_ms: u64,
+    /// Election timeout range (ms). Defaults 500-1000: a few heartbeats of slack so a busy
+    /// 2-core machine (fsync stalls, GC of RocksDB) does not trigger spurious elections.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Take a snapshot after this many applied entries since the last one. Default 50000.
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept behind a snapshot for lagging followers. Default 10000.
+    pub max_in_snapshot_log_to_keep: u64,
+    /// Most entries in one append RPC. Default 1000.
+    pub max_payload_entries: u64,
+    /// Timeout of one snapshot transfer (ms). Default 600000 (10 minutes).
+    pub snapshot_timeout_ms: u64,
+    /// Request ids are remembered for this many log entries. Default 1000000.
+    pub dedup_window: u64,
+}
+
+/// Request limits, answered with INVALID_ARGUMENT / RESOURCE_EXHAUSTED.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest key in bytes. Default 4096.
+    pub max_key_bytes: usize,
+    /// Largest value in bytes. Default 1 MiB.
+    pub max_value_bytes: usize,
+    /// Largest gRPC request in bytes. Default 4 MiB.
+    pub max_request_bytes: usize,
+    /// Largest Range limit (and the default when 0 is asked). Default 10000.
+    pub max_range_limit: u32,
+    /// Most operations in one Txn (compares + success + failure). Default 128.
+    pub max_txn_ops: usize,
+    /// How long a read waits for this node to apply the index it needs (ms). Default 5000.
+    pub read_wait_ms: u64,
+    /// How long a write waits for commit (ms). Default 10000.
+    pub write_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 0,
+            client_addr: "127.0.0.1:7001".into(),
+            peer_addr: "127.0.0.1:7101".into(),
+            ops_addr: "127.0.0.1:7201".into(),
+            data_dir: PathBuf::from("data"),
+            initial_members: BTreeMap::new(),
+            raft: RaftConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_logs_since_last: 50_000,
+            max_in_snapshot_log_to_keep: 10_000,
+            max_payload_entries: 1000,
+            snapshot_timeout_ms: 600_000,
+            dedup_window: crate::fsm::DEFAULT_DEDUP_WINDOW,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_key_bytes: 4096,
+            max_value_bytes: 1 << 20,
+            max_request_bytes: 4 << 20,
+            max_range_limit: 10_000,
+            max_txn_ops: 128,
+            read_wait_ms: 5000,
+            write_timeout_ms: 10_000,
+        }
+    }
+}
+
+fn check_addr(key: &'static str, v: &str) -> Result<(), ConfigError> {
+    v.parse::<std::net::SocketAddr>()
+        .map(|_| ())
+        .map_err(|e| ConfigError::Invalid {
+            key,
+            reason: format!("{v:?} is not host:port ({e})"),
+        })
+}
+
+impl Config {
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|reason| ConfigError::Parse {
+            path: path.into(),
+            reason,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Parses `1=host:port,2=host:port`.
+    pub fn parse_members(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+        let mut m = BTreeMap::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (id, addr) = part.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                key: "initial_members",
+                reason: format!("{part:?} is not id=host:port"),
+            })?;
+            let id: u64 = id.trim().parse().map_err(|_| ConfigError::Invalid {
+                key: "initial_members",
+                reason: format!("{id:?} is not a node id"),
+            })?;
+            if m.insert(id, addr.trim().to_string()).is_some() {
+                return Err(ConfigError::Invalid {
+                    key: "initial_members",
+                    reason: format!("node {id} given twice"),
+                });
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 {
+            return Err(ConfigError::Invalid {
+                key: "node_id",
+                reason: "must be set and >= 1".into(),
+            });
+        }
+        check_addr("client_addr", &self.client_addr)?;
+        check_addr("peer_addr", &self.peer_addr)?;
+        if !self.ops_addr.is_empty() {
+            check_addr("ops_addr", &self.ops_addr)?;
+        }
+        if self.client_addr == self.peer_addr {
+            return Err(ConfigError::Invalid {
+                key: "peer_addr",
+                reason: "must differ from client_addr".into(),
+            });
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "data_dir",
+                reason: "must not be empty".into(),
+            });
+        }
+        for (id, addr) in &self.initial_members {
+            if *id == 0 {
+                return Err(ConfigError::Invalid {
+                    key: "initial_members",
+                    reason: "node ids start at 1".into(),
+                });
+            }
+            check_addr("initial_members", addr)?;
+        }
+        if !self.initial_members.is_empty() {
+            match self.initial_members.get(&self.node_id) {
+                None => {
+                    return Err(ConfigError::Invalid {
+                        key: "initial_members",
+                        reason: format!("does not include this node ({})", self.node_id),
+                    })
+                }
+                Some(a) if *a != self.peer_addr => {
+                    return Err(ConfigError::Invalid {
+                        key: "initial_members",
+                        reason: format!(
+                            "names {a} for this node but peer_addr is {}",
+                            self.peer_addr
+                        ),
+                    })
+                }
+                _ => {}
+            }
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "raft.heartbeat_ms",
+                reason: "must be > 0".into(),
+            });
+        }
+        if r.election_timeout_min_ms <= r.heartbeat_ms {
+            return Err(ConfigError::Invalid {
+                key: "raft.election_timeout_min_ms",
+                reason: "must be greater than raft.heartbeat_ms".into(),
+            });
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(ConfigError::Invalid {
+                key: "raft.election_timeout_max_ms",
+                reason: "must be greater than raft.election_timeout_min_ms".into(),
+            });
+        }
+        if r.snapshot_logs_since_last == 0 {
+            return Err(ConfigError::Invalid {
+                key: "raft.snapshot_logs_since_last",
+                reason: "must be > 0".into(),
+            });
+        }
+        if r.max_payload_entries == 0 {
+            return Err(ConfigError::Invalid {
+                key: "raft.max_payload_entries",
+                reason: "must be > 0".into(),
+            });
+        }
+        if r.dedup_window == 0 {
+            return Err(ConfigError::Invalid {
+                key: "raft.dedup_window",
+                reason: "must be > 0".into(),
+            });
+        }
+        let l = &self.limits;
+        if l.max_key_bytes == 0
+            || l.max_value_bytes == 0
+            || l.max_range_limit == 0
+            || l.max_txn_ops == 0
+        {
+            return Err(ConfigError::Invalid {
+                key: "limits",
+                reason: "limits must be > 0".into(),
+            });
+        }
+        if l.max_request_bytes < l.max_key_bytes + l.max_value_bytes {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_request_bytes",
+                reason: "must hold at least one key and one value".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        Config {
+            node_id: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_validate_once_node_id_is_set() {
+        assert!(Config::default().validate().is_err());
+        valid().validate().expect("valid");
+    }
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../deploy/metaraft.toml");
+        let c = Config::from_toml(text).expect("parse example");
+        c.validate().expect("example validates");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = Config::from_toml("node_id = 1\nnode_idd = 2\n").expect_err("unknown key");
+        assert!(e.contains("node_idd"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let mut c = valid();
+        c.client_addr = "nonsense".into();
+        assert!(c
+            .validate()
+            .expect_err("bad")
+            .to_string()
+            .contains("client_addr"));
+        let mut c = valid();
+        c.raft.election_timeout_min_ms = 10;
+        assert!(c
+            .validate()
+            .expect_err("bad")
+            .to_string()
+            .contains("election_timeout_min_ms"));
+        let mut c = valid();
+        c.initial_members = Config::parse_members("2=127.0.0.1:1").expect("parse");
+        assert!(c
+            .validate()
+            .expect_err("bad")
+            .to_string()
+            .contains("does not include"));
+    }
+
+    #[test]
+    fn member_list_parsing() {
+        let m = Config::parse_members("1=127.0.0.1:7101, 2=127.0.0.1:7102").expect("parse");
+        assert_eq!(m.len(), 2);
+        assert!(Config::parse_members("1=a,1=b").is_err());
+        assert!(Config::parse_members("x=a").is_err());
+        assert!(Config::parse_members("1:a").is_err());
+    }
+}

@@ -1,0 +1,476 @@
+//! Consensus: the openraft handle and everything that needs the leader.
+//!
+//! - Writes: proposed locally when this node leads, otherwise forwarded over the peer transport
+//!   to the leader (one hop; the leader never forwards again).
+//! - Reads: LINEARIZABLE asks the leader for a read index (ReadIndex: a heartbeat round confirms
+//!   leadership), then waits until this node applied it; SESSION waits for a revision; STALE reads
+//!   locally, bounded by a maximum lag behind the known commit index.
+//! - Membership: add learner, promote, remove, transfer leadership (forwarded to the leader).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::{ChangeMembers, ReadPolicy, ServerState};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::fsm::{Request, Response};
+use crate::metrics::Metrics;
+use crate::net::{NetError, PeerPool};
+use crate::raft_types::{Node, NodeId, Raft};
+use crate::storage::StateMachineStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    #[error("no leader is known right now{}", hint(.leader))]
+    NoLeader { leader: Option<NodeId> },
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+    #[error("forwarding to the leader failed: {0}")]
+    Forward(#[from] NetError),
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    #[error("this node lags the commit index by {lag} entries (max_lag {max_lag})")]
+    TooStale { lag: u64, max_lag: u64 },
+    #[error("not a member of any cluster yet")]
+    NotInitialized,
+}
+
+fn hint(leader: &Option<NodeId>) -> String {
+    leader
+        .map(|l| format!(" (last known leader: node {l})"))
+        .unwrap_or_default()
+}
+
+/// What a follower gets back when it forwards a write or an admin request.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Forwarded<T> {
+    Ok(T),
+    NotLeader { leader: Option<NodeId> },
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminRequest {
+    AddLearner { id: NodeId, node: Node },
+    Promote { id: NodeId },
+    Remove { id: NodeId },
+    TransferLeader { id: NodeId },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct MembershipView {
+    pub revision: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+}
+
+/// One node's view of itself, as `cluster status` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct LocalStatus {
+    pub node_id: NodeId,
+    pub role: &'static str,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub leader: Option<NodeId>,
+    pub members: BTreeMap<NodeId, (Node, bool)>,
+    /// Leader only: matched index per member.
+    pub replication: BTreeMap<NodeId, u64>,
+}
+
+pub struct Consensus {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub pool: Arc<PeerPool>,
+    pub metrics: Arc<Metrics>,
+    pub config: Config,
+}
+
+pub fn role_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+/// openraft configuration from ours; the reasons for each value are next to the config keys.
+pub fn raft_config(c: &Config) -> Result<openraft::Config, String> {
+    let r = &c.raft;
+    let cfg = openraft::Config {
+        cluster_name: "metaraft".into(),
+        heartbeat_interval: r.heartbeat_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        install_snapshot_timeout: r.snapshot_timeout_ms,
+        max_payload_entries: r.max_payload_entries,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: r.max_in_snapshot_log_to_keep,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    };
+    cfg.validate().map_err(|e| e.to_string())
+}
+
+impl Consensus {
+    fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.limits.write_timeout_ms)
+    }
+
+    fn fatal<E: std::fmt::Display>(e: E) -> ConsensusError {
+        ConsensusError::Fatal(e.to_string())
+    }
+
+    /// The leader as this node knows it, with its peer address.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let l = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&l)
+            .map(|n| n.peer_addr.clone())?;
+        Some((l, addr))
+    }
+
+    /// Waits until some leader is known (elections take a few timeouts).
+    async fn wait_leader(&self, deadline: Instant) -> Result<(NodeId, String), ConsensusError> {
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            if Instant::now() >= deadline {
+                return Err(ConsensusError::NoLeader { leader: None });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Proposes on this node only; `NotLeader` when it does not lead.
+    pub async fn write_local(&self, req: Request) -> Forwarded<Response> {
+        match tokio::time::timeout(self.write_timeout(), self.raft.client_write(req)).await {
+            Err(_) => Forwarded::Failed("commit timed out".into()),
+            Ok(Ok(r)) => Forwarded::Ok(r.data),
+            Ok(Err(e)) => match e.forward_to_leader() {
+                Some(f) => Forwarded::NotLeader {
+                    leader: f.leader_id,
+                },
+                None => Forwarded::Failed(e.to_string()),
+            },
+        }
+    }
+
+    /// Commits a write through the leader, wherever it is.
+    pub async fn write(&self, req: Request) -> Result<Response, ConsensusError> {
+        let deadline = Instant::now() + self.write_timeout();
+        loop {
+            let (leader, addr) = self.wait_leader(deadline).await?;
+            let result = if leader == self.id {
+                self.write_local(req.clone()).await
+            } else {
+                let left = deadline.saturating_duration_since(Instant::now());
+                self.pool
+                    .call_blob(
+                        &addr,
+                        left,
+                        &req,
+                        |mut c, b| async move { c.forward(b).await },
+                    )
+                    .await?
+            };
+            match result {
+                Forwarded::Ok(r) => return Ok(r),
+                Forwarded::Failed(m) => return Err(ConsensusError::Fatal(m)),
+                Forwarded::NotLeader { leader: hint } => {
+                    // Leadership moved between our look-up and the proposal: try again until the deadline.
+                    if Instant::now() >= deadline {
+                        return Err(ConsensusError::NoLeader { leader: hint });
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    /// Leader only: confirms leadership with a quorum and returns the index reads must wait for.
+    pub async fn read_index_local(&self) -> Result<u64, ConsensusError> {
+        let r = tokio::time::timeout(
+            self.write_timeout(),
+            self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+        )
+        .await
+        .map_err(|_| ConsensusError::Timeout("read index".into()))?;
+        match r {
+            Ok(id) => Ok(id.index()),
+            Err(e) => match e.forward_to_leader() {
+                Some(f) => Err(ConsensusError::NoLeader {
+                    leader: f.leader_id,
+                }),
+                None => Err(Self::fatal(e)),
+            },
+        }
+    }
+
+    /// Read index from the leader (local or remote).
+    pub async fn read_index(&self) -> Result<u64, ConsensusError> {
+        let deadline = Instant::now() + self.write_timeout();
+        loop {
+            let (leader, addr) = self.wait_leader(deadline).await?;
+            let r = if leader == self.id {
+                self.read_index_local().await
+            } else {
+                let mut c = self.pool.client(&addr)?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, c.read_index(crate::pb::peer::ReadIndexRequest {}))
+                    .await
+                {
+                    Err(_) => Err(ConsensusError::Timeout("read index from leader".into())),
+                    Ok(Ok(r)) => Ok(r.into_inner().index),
+                    Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                        Err(ConsensusError::NoLeader {
+                            leader: Some(leader),
+                        })
+                    }
+                    Ok(Err(s)) => Err(crate::net::status_to_net(&addr, s).into()),
+                }
+            };
+            match r {
+                Err(ConsensusError::NoLeader { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits until this node applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<u64, ConsensusError> {
+        let t = Duration::from_millis(self.config.limits.read_wait_ms);
+        self.sm.wait_applied(index, t).await.map_err(|applied| {
+            ConsensusError::Timeout(format!(
+                "waiting to apply index {index} (applied {applied})"
+            ))
+        })
+    }
+
+    /// Linearizable read barrier: after it returns, local state reflects every write acknowledged
+    /// before the call began.
+    pub async fn linearizable_barrier(&self) -> Result<u64, ConsensusError> {
+        let idx = self.read_index().await?;
+        self.wait_applied(idx).await
+    }
+
+    /// STALE read check against the commit index this node knows.
+    pub fn check_stale(&self, max_lag: u64) -> Result<u64, ConsensusError> {
+        let applied = self.sm.applied_index();
+        if max_lag > 0 {
+            let committed = self
+                .raft
+                .metrics()
+                .borrow_watched()
+                .cluster_committed
+                .map(|l| l.index)
+                .unwrap_or(0);
+            let lag = committed.saturating_sub(applied);
+            if lag > max_lag {
+                return Err(ConsensusError::TooStale { lag, max_lag });
+            }
+        }
+        Ok(applied)
+    }
+
+    fn membership_view(&self, revision: u64) -> MembershipView {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let mem = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = mem.voter_ids().collect();
+        MembershipView {
+            revision,
+            voters: voters.iter().copied().collect(),
+            learners: mem
+                .nodes()
+                .map(|(id, _)| *id)
+                .filter(|id| !voters.contains(id))
+                .collect(),
+        }
+    }
+
+    /// Runs a membership change on this node (must be the leader).
+    pub async fn admin_local(&self, req: AdminRequest) -> Forwarded<MembershipView> {
+        let r = match req {
+            AdminRequest::AddLearner { id, node } => self
+                .raft
+                .add_learner(id, node, true)
+                .await
+                .map(|r| r.log_id.index),
+            AdminRequest::Promote { id } => {
+                let ids: BTreeSet<NodeId> = [id].into();
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(ids), false)
+                    .await
+                    .map(|r| r.log_id.index)
+            }
+            AdminRequest::Remove { id } => {
+                let is_voter = self.raft.voter_ids().any(|v| v == id);
+                let ids: BTreeSet<NodeId> = [id].into();
+                if is_voter {
+                    match self
+                        .raft
+                        .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
+                        .await
+                    {
+                        Ok(_) => self
+                            .raft
+                            .change_membership(ChangeMembers::RemoveNodes(ids), false)
+                            .await
+                            .map(|r| r.log_id.index),
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    self.raft
+                        .change_membership(ChangeMembers::RemoveNodes(ids), false)
+                        .await
+                        .map(|r| r.log_id.index)
+                }
+            }
+            AdminRequest::TransferLeader { id } => {
+                if !self.raft.voter_ids().any(|v| v == id) {
+                    return Forwarded::Failed(format!("node {id} is not a voter"));
+                }
+                if let Err(e) = self.raft.trigger().transfer_leader(id).await {
+                    return Forwarded::Failed(e.to_string());
+                }
+                let deadline = Instant::now() + self.write_timeout();
+                while Instant::now() < deadline {
+                    if self.raft.metrics().borrow_watched().current_leader == Some(id) {
+                        return Forwarded::Ok(self.membership_view(self.sm.applied_index()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                return Forwarded::Failed(format!(
+                    "node {id} did not take over leadership in time"
+                ));
+            }
+        };
+        match r {
+            Ok(rev) => Forwarded::Ok(self.membership_view(rev)),
+            Err(e) => match e.forward_to_leader() {
+                Some(f) => Forwarded::NotLeader {
+                    leader: f.leader_id,
+                },
+                None => Forwarded::Failed(e.to_string()),
+            },
+        }
+    }
+
+    pub async fn admin(&self, req: AdminRequest) -> Result<MembershipView, ConsensusError> {
+        let deadline = Instant::now() + self.write_timeout();
+        let (leader, addr) = self.wait_leader(deadline).await?;
+        let r = if leader == self.id {
+            self.admin_local(req).await
+        } else {
+            // Membership changes wait for learners to catch up: allow the full write timeout.
+            self.pool
+                .call_blob(
+                    &addr,
+                    self.write_timeout() * 3,
+                    &req,
+                    |mut c, b| async move { c.admin(b).await },
+                )
+                .await?
+        };
+        match r {
+            Forwarded::Ok(v) => Ok(v),
+            Forwarded::NotLeader { leader } => Err(ConsensusError::NoLeader { leader }),
+            Forwarded::Failed(m) => Err(ConsensusError::Membership(m)),
+        }
+    }
+
+    pub fn local_status(&self) -> LocalStatus {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let mem = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = mem.voter_ids().collect();
+        LocalStatus {
+            node_id: self.id,
+            role: role_name(m.state),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index: m.cluster_committed.map(|l| l.index).unwrap_or(0),
+            applied_index: self.sm.applied_index(),
+            leader: m.current_leader,
+            members: mem
+                .nodes()
+                .map(|(id, n)| (*id, (n.clone(), voters.contains(id))))
+                .collect(),
+            replication: m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Keeps the Prometheus gauges in step with Raft metrics, and stops the process if the Raft
+    /// core died (openraft returns `Fatal` forever after a panic or a storage error).
+    pub fn spawn_watchers(self: &Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut rx = me.raft.metrics();
+            let mut last_leader = None;
+            loop {
+                let (fatal, leader) = {
+                    let m = rx.borrow_and_update();
+                    me.metrics.term.store(m.current_term, Ordering::Relaxed);
+                    me.metrics.commit_index.store(
+                        m.cluster_committed.map(|l| l.index).unwrap_or(0),
+                        Ordering::Relaxed,
+                    );
+                    me.metrics.applied_index.store(
+                        m.last_applied.map(|l| l.index).unwrap_or(0),
+                        Ordering::Relaxed,
+                    );
+                    me.metrics
+                        .last_log_index
+                        .store(m.last_log_index.unwrap_or(0), Ordering::Relaxed);
+                    me.metrics
+                        .is_leader
+                        .store(u64::from(m.state == ServerState::Leader), Ordering::Relaxed);
+                    (m.running_state.clone().err(), m.current_leader)
+                };
+                if leader != last_leader {
+                    if leader.is_some() {
+                        me.metrics.leader_changes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::info!(node = me.id, leader = ?leader, "leader changed");
+                    last_leader = leader;
+                }
+                if let Some(f) = fatal {
+                    if !*shutdown.borrow() {
+                        tracing::error!(node = me.id, error = %f, "raft core stopped; exiting so the supervisor restarts this node");
+                        std::process::exit(70);
+                    }
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,378 @@
+//! The deterministic state machine: commands, responses and `apply`.
+//!
+//! `apply` is a pure function of (state read through [`StateRead`], log index, request): it returns
+//! the mutations to write and the response. No clock, no randomness, no I/O beyond the reads it is
+//! given, so every replica that applies the same log ends with byte-identical state. Storage turns
+//! the mutations into one atomic RocksDB batch together with `last_applied`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys;
+
+/// Format of commands written to the log. A node that meets a newer one stops instead of diverging.
+pub const COMMAND_FORMAT_VERSION: u8 = 1;
+
+/// How many log entries a request id is remembered for (deterministic: counted in log indexes).
+pub const DEFAULT_DEDUP_WINDOW: u64 = 1_000_000;
+
+/// One client write: the unit of a Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub format_version: u8,
+    /// Client-chosen idempotency key; empty = none.
+    pub request_id: String,
+    pub command: Command,
+}
+
+impl Request {
+    pub fn new(request_id: impl Into<String>, command: Command) -> Self {
+        Request {
+            format_version: COMMAND_FORMAT_VERSION,
+            request_id: request_id.into(),
+            command,
+        }
+    }
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print keys or values: they are the platform's metadata.
+        let kind = match &self.command {
+            Command::Put { .. } => "put",
+            Command::Delete { .. } => "delete",
+            Command::Txn { .. } => "txn",
+        };
+        write!(f, "{kind}")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        expected_revision: Option<u64>,
+    },
+    Delete {
+        key: Vec<u8>,
+        expected_revision: Option<u64>,
+    },
+    Txn {
+        compares: Vec<Compare>,
+        success: Vec<Op>,
+        failure: Vec<Op>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compare {
+    /// The key's mod_revision equals this (0 = absent).
+    Revision { key: Vec<u8>, revision: u64 },
+    /// The key exists with this value.
+    Value { key: Vec<u8>, value: Vec<u8> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+}
+
+/// The result of applying one entry. `revision` is always the entry's log index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Blank and membership entries.
+    None {
+        revision: u64,
+    },
+    Put {
+        revision: u64,
+        prev_revision: u64,
+    },
+    Delete {
+        revision: u64,
+        deleted: bool,
+    },
+    Txn {
+        revision: u64,
+        succeeded: bool,
+    },
+    /// A compare-and-set did not hold: nothing was written.
+    RevisionMismatch {
+        revision: u64,
+        expected: u64,
+        actual: u64,
+    },
+    /// The command's format is newer than this binary understands.
+    UnsupportedFormat {
+        revision: u64,
+        version: u8,
+    },
+}
+
+impl Response {
+    pub fn revision(&self) -> u64 {
+        match self {
+            Response::None { revision }
+            | Response::Put { revision, .. }
+            | Response::Delete { revision, .. }
+            | Response::Txn { revision, .. }
+            | Response::RevisionMismatch { revision, .. }
+            | Response::UnsupportedFormat { revision, .. } => *revision,
+        }
+    }
+}
+
+/// A stored value with its revisions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValueRecord {
+    pub value: Vec<u8>,
+    pub create_revision: u64,
+    pub mod_revision: u64,
+    pub version: u64,
+}
+
+/// What a request id maps to: the first result, returned again for retries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRecord {
+    pub index: u64,
+    pub response: Response,
+}
+
+/// A change to the state-machine store, in raw store keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsmError {
+    #[error("state read failed: {0}")]
+    Read(String),
+    #[error("corrupt record at key {key:?}: {reason}")]
+    Corrupt { key: Vec<u8>, reason: String },
+    #[error("encode failed: {0}")]
+    Encode(String),
+}
+
+/// Read access to the current state, as of the last applied entry.
+pub trait StateRead {
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError>;
+    /// Dedup-queue keys with index < `below`, in order (at most `limit`).
+    fn expired_dedup(&self, below: u64, limit: usize) -> Result<Vec<Vec<u8>>, FsmError>;
+}
+
+fn get_value(state: &dyn StateRead, user_key: &[u8]) -> Result<Option<ValueRecord>, FsmError> {
+    let key = keys::data(user_key);
+    match state.get_raw(&key)? {
+        None => Ok(None),
+        Some(raw) => crate::raft_types::decode(&raw)
+            .map(Some)
+            .map_err(|e| FsmError::Corrupt {
+                key,
+                reason: e.to_string(),
+            }),
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, FsmError> {
+    crate::raft_types::encode(v).map_err(|e| FsmError::Encode(e.to_string()))
+}
+
+/// Applies a client request at `index`. Returns the mutations (to write atomically with
+/// `last_applied = index`) and the response.
+pub fn apply(
+    state: &dyn StateRead,
+    index: u64,
+    req: &Request,
+    dedup_window: u64,
+) -> Result<(Vec<Mutation>, Response), FsmError> {
+    let mut muts = Vec::new();
+    // Expire request ids that left the window (deterministic: by index, bounded work per entry).
+    if index > dedup_window {
+        for qk in state.expired_dedup(index - dedup_window, 16)? {
+            if let Some((_, id)) = keys::parse_dedup_queue(&qk) {
+                muts.push(Mutation::Delete(keys::dedup(id)));
+            }
+            muts.push(Mutation::Delete(qk));
+        }
+    }
+
+    if req.format_version > COMMAND_FORMAT_VERSION {
+        return Ok((
+            muts,
+            Response::UnsupportedFormat {
+                revision: index,
+                version: req.format_version,
+            },
+        ));
+    }
+
+    if !req.request_id.is_empty() {
+        let dk = keys::dedup(&req.request_id);
+        if let Some(raw) = state.get_raw(&dk)? {
+            let rec: DedupRecord =
+                crate::raft_types::decode(&raw).map_err(|e| FsmError::Corrupt {
+                    key: dk.clone(),
+                    reason: e.to_string(),
+                })?;
+            // A retry: the first result, nothing applied again.
+            return Ok((muts, rec.response));
+        }
+    }
+
+    let resp = apply_command(state, index, &req.command, &mut muts)?;
+
+    if !req.request_id.is_empty() {
+        let rec = DedupRecord {
+            index,
+            response: resp.clone(),
+        };
+        muts.push(Mutation::Put(keys::dedup(&req.request_id), encode(&rec)?));
+        muts.push(Mutation::Put(
+            keys::dedup_queue(index, &req.request_id),
+            Vec::new(),
+        ));
+    }
+    Ok((muts, resp))
+}
+
+fn put_mutation(
+    state: &dyn StateRead,
+    index: u64,
+    key: &[u8],
+    value: &[u8],
+    overlay: &mut Vec<(Vec<u8>, Option<ValueRecord>)>,
+) -> Result<(Mutation, u64), FsmError> {
+    let prev = lookup(state, key, overlay)?;
+    let rec = match &prev {
+        Some(p) => ValueRecord {
+            value: value.to_vec(),
+            create_revision: p.create_revision,
+            mod_revision: index,
+            version: p.version + 1,
+        },
+        None => ValueRecord {
+            value: value.to_vec(),
+            create_revision: index,
+            mod_revision: index,
+            version: 1,
+        },
+    };
+    let prev_rev = prev.map(|p| p.mod_revision).unwrap_or(0);
+    let m = Mutation::Put(keys::data(key), encode(&rec)?);
+    overlay.push((key.to_vec(), Some(rec)));
+    Ok((m, prev_rev))
+}
+
+/// Reads a key, seeing earlier ops of the same transaction first.
+fn lookup(
+    state: &dyn StateRead,
+    key: &[u8],
+    overlay: &[(Vec<u8>, Option<ValueRecord>)],
+) -> Result<Option<ValueRecord>, FsmError> {
+    if let Some((_, v)) = overlay.iter().rev().find(|(k, _)| k == key) {
+        return Ok(v.clone());
+    }
+    get_value(state, key)
+}
+
+fn apply_command(
+    state: &dyn StateRead,
+    index: u64,
+    cmd: &Command,
+    muts: &mut Vec<Mutation>,
+) -> Result<Response, FsmError> {
+    let mut overlay = Vec::new();
+    match cmd {
+        Command::Put {
+            key,
+            value,
+            expected_revision,
+        } => {
+            if let Some(expected) = expected_revision {
+                let actual = get_value(state, key)?.map(|r| r.mod_revision).unwrap_or(0);
+                if actual != *expected {
+                    return Ok(Response::RevisionMismatch {
+                        revision: index,
+                        expected: *expected,
+                        actual,
+                    });
+                }
+            }
+            let (m, prev_revision) = put_mutation(state, index, key, value, &mut overlay)?;
+            muts.push(m);
+            Ok(Response::Put {
+                revision: index,
+                prev_revision,
+            })
+        }
+        Command::Delete {
+            key,
+            expected_revision,
+        } => {
+            let cur = get_value(state, key)?;
+            let actual = cur.as_ref().map(|r| r.mod_revision).unwrap_or(0);
+            if let Some(expected) = expected_revision {
+                if actual != *expected {
+                    return Ok(Response::RevisionMismatch {
+                        revision: index,
+                        expected: *expected,
+                        actual,
+                    });
+                }
+            }
+            if cur.is_some() {
+                muts.push(Mutation::Delete(keys::data(key)));
+            }
+            Ok(Response::Delete {
+                revision: index,
+                deleted: cur.is_some(),
+            })
+        }
+        Command::Txn {
+            compares,
+            success,
+            failure,
+        } => {
+            let mut ok = true;
+            for c in compares {
+                let holds = match c {
+                    Compare::Revision { key, revision } => {
+                        get_value(state, key)?.map(|r| r.mod_revision).unwrap_or(0) == *revision
+                    }
+                    Compare::Value { key, value } => get_value(state, key)?
+                        .map(|r| r.value == *value)
+                        .unwrap_or(false),
+                };
+                if !holds {
+                    ok = false;
+                    break;
+                }
+            }
+            let ops = if ok { success } else { failure };
+            for op in ops {
+                match op {
+                    Op::Put { key, value } => {
+                        let (m, _) = put_mutation(state, index, key, value, &mut overlay)?;
+                        muts.push(m);
+                    }
+                    Op::Delete { key } => {
+                        if lookup(state, key, &overlay)?.is_some() {
+                            muts.push(Mutation::Delete(keys::data(key)));
+                        }
+                        overlay.push((key.clone(), None));
+                    }
+                }
+            }
+            Ok(Response::Txn {
+                revision: index,
+                succeeded: ok,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,283 @@
+//! Unit tests and a model-based proptest of `apply` against a naive in-memory model.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// A `StateRead` over a BTreeMap, applying mutations the way storage does.
+#[derive(Default)]
+struct MemState(BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl StateRead for MemState {
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError> {
+        Ok(self.0.get(key).cloned())
+    }
+    fn expired_dedup(&self, below: u64, limit: usize) -> Result<Vec<Vec<u8>>, FsmError> {
+        Ok(self
+            .0
+            .range(vec![keys::SM_DEDUP_QUEUE]..keys::dedup_queue(below, ""))
+            .take(limit)
+            .map(|(k, _)| k.clone())
+            .collect())
+    }
+}
+
+impl MemState {
+    fn run(&mut self, index: u64, req: &Request, window: u64) -> Response {
+        let (muts, resp) = apply(self, index, req, window).expect("apply");
+        for m in muts {
+            match m {
+                Mutation::Put(k, v) => {
+                    self.0.insert(k, v);
+                }
+                Mutation::Delete(k) => {
+                    self.0.remove(&k);
+                }
+            }
+        }
+        resp
+    }
+    fn value(&self, key: &[u8]) -> Option<ValueRecord> {
+        self.0
+            .get(&keys::data(key))
+            .map(|raw| crate::raft_types::decode(raw).expect("decode"))
+    }
+}
+
+fn put(key: &str, value: &str, expected: Option<u64>) -> Command {
+    Command::Put {
+        key: key.into(),
+        value: value.into(),
+        expected_revision: expected,
+    }
+}
+
+#[test]
+fn put_sets_revisions_and_versions() {
+    let mut s = MemState::default();
+    assert_eq!(
+        s.run(3, &Request::new("", put("a", "1", None)), 100),
+        Response::Put {
+            revision: 3,
+            prev_revision: 0
+        }
+    );
+    assert_eq!(
+        s.run(5, &Request::new("", put("a", "2", None)), 100),
+        Response::Put {
+            revision: 5,
+            prev_revision: 3
+        }
+    );
+    let v = s.value(b"a").expect("present");
+    assert_eq!(
+        (
+            v.value.as_slice(),
+            v.create_revision,
+            v.mod_revision,
+            v.version
+        ),
+        (&b"2"[..], 3, 5, 2)
+    );
+}
+
+#[test]
+fn compare_and_set_fails_cleanly() {
+    let mut s = MemState::default();
+    s.run(1, &Request::new("", put("a", "1", Some(0))), 100);
+    let r = s.run(2, &Request::new("", put("a", "2", Some(0))), 100);
+    assert_eq!(
+        r,
+        Response::RevisionMismatch {
+            revision: 2,
+            expected: 0,
+            actual: 1
+        }
+    );
+    assert_eq!(s.value(b"a").expect("present").value, b"1");
+    let r = s.run(3, &Request::new("", put("a", "3", Some(1))), 100);
+    assert_eq!(
+        r,
+        Response::Put {
+            revision: 3,
+            prev_revision: 1
+        }
+    );
+}
+
+#[test]
+fn retried_request_id_applies_once() {
+    let mut s = MemState::default();
+    let req = Request::new("req-1", put("a", "1", None));
+    let first = s.run(1, &req, 100);
+    s.run(2, &Request::new("", put("a", "other", None)), 100);
+    let retry = s.run(3, &req, 100);
+    assert_eq!(first, retry);
+    assert_eq!(
+        s.value(b"a").expect("present").value,
+        b"other",
+        "the retry must not write again"
+    );
+}
+
+#[test]
+fn request_ids_expire_after_window() {
+    let mut s = MemState::default();
+    s.run(1, &Request::new("id", put("a", "1", None)), 10);
+    for i in 2..20 {
+        s.run(i, &Request::new("", put("b", "x", None)), 10);
+    }
+    assert!(s.0.get(&keys::dedup("id")).is_none(), "expired id removed");
+    assert!(s.0.keys().all(|k| k[0] != keys::SM_DEDUP_QUEUE));
+}
+
+#[test]
+fn txn_is_atomic_and_sees_its_own_writes() {
+    let mut s = MemState::default();
+    s.run(1, &Request::new("", put("a", "1", None)), 100);
+    let txn = Command::Txn {
+        compares: vec![Compare::Value {
+            key: b"a".to_vec(),
+            value: b"1".to_vec(),
+        }],
+        success: vec![
+            Op::Put {
+                key: b"b".to_vec(),
+                value: b"x".to_vec(),
+            },
+            Op::Put {
+                key: b"b".to_vec(),
+                value: b"y".to_vec(),
+            },
+            Op::Delete { key: b"a".to_vec() },
+        ],
+        failure: vec![Op::Put {
+            key: b"f".to_vec(),
+            value: b"1".to_vec(),
+        }],
+    };
+    assert_eq!(
+        s.run(2, &Request::new("", txn.clone()), 100),
+        Response::Txn {
+            revision: 2,
+            succeeded: true
+        }
+    );
+    let b = s.value(b"b").expect("b");
+    assert_eq!((b.value.as_slice(), b.version), (&b"y"[..], 2));
+    assert!(s.value(b"a").is_none());
+    assert_eq!(
+        s.run(3, &Request::new("", txn), 100),
+        Response::Txn {
+            revision: 3,
+            succeeded: false
+        }
+    );
+    assert!(s.value(b"f").is_some());
+}
+
+#[test]
+fn newer_format_is_refused_not_applied() {
+    let mut s = MemState::default();
+    let mut req = Request::new("", put("a", "1", None));
+    req.format_version = COMMAND_FORMAT_VERSION + 1;
+    assert!(matches!(
+        s.run(1, &req, 100),
+        Response::UnsupportedFormat { .. }
+    ));
+    assert!(s.value(b"a").is_none());
+}
+
+#[test]
+fn corrupt_record_is_an_error_not_a_panic() {
+    let mut s = MemState::default();
+    s.0.insert(keys::data(b"a"), vec![0xff, 0xff, 0xff]);
+    let r = apply(&s, 1, &Request::new("", put("a", "1", None)), 100);
+    assert!(matches!(r, Err(FsmError::Corrupt { .. })));
+}
+
+// ---- model-based proptest ----
+
+#[derive(Debug, Clone)]
+enum ModelOp {
+    Put(u8, u8, Option<u64>),
+    Delete(u8, Option<u64>),
+    Txn(u8, u64, u8, u8),
+    Retry(usize),
+}
+
+fn op_strategy() -> impl Strategy<Value = ModelOp> {
+    prop_oneof![
+        (0u8..4, any::<u8>(), proptest::option::of(0u64..6))
+            .prop_map(|(k, v, e)| ModelOp::Put(k, v, e)),
+        (0u8..4, proptest::option::of(0u64..6)).prop_map(|(k, e)| ModelOp::Delete(k, e)),
+        (0u8..4, 0u64..6, 0u8..4, any::<u8>()).prop_map(|(k, r, k2, v)| ModelOp::Txn(k, r, k2, v)),
+        (0usize..50).prop_map(ModelOp::Retry),
+    ]
+}
+
+/// The naive model: key -> (value, create, mod, version).
+type Model = BTreeMap<u8, (u8, u64, u64, u64)>;
+
+fn model_put(m: &mut Model, k: u8, v: u8, idx: u64) -> u64 {
+    let prev = m.get(&k).cloned();
+    let (create, version) = prev.map(|p| (p.1, p.3 + 1)).unwrap_or((idx, 1));
+    m.insert(k, (v, create, idx, version));
+    prev.map(|p| p.2).unwrap_or(0)
+}
+
+proptest! {
+    #[test]
+    fn apply_matches_model(ops in proptest::collection::vec(op_strategy(), 1..60)) {
+        let mut s = MemState::default();
+        let mut model: Model = BTreeMap::new();
+        let mut history: Vec<(Request, Response)> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let idx = i as u64 + 1;
+            let key = |k: u8| vec![k];
+            let (req, expected) = match op.clone() {
+                ModelOp::Put(k, v, e) => {
+                    let req = Request::new(format!("r{idx}"), Command::Put { key: key(k), value: vec![v], expected_revision: e });
+                    let actual = model.get(&k).map(|x| x.2).unwrap_or(0);
+                    let exp = match e {
+                        Some(e) if e != actual => Response::RevisionMismatch { revision: idx, expected: e, actual },
+                        _ => Response::Put { revision: idx, prev_revision: model_put(&mut model, k, v, idx) },
+                    };
+                    (req, exp)
+                }
+                ModelOp::Delete(k, e) => {
+                    let req = Request::new("", Command::Delete { key: key(k), expected_revision: e });
+                    let actual = model.get(&k).map(|x| x.2).unwrap_or(0);
+                    let exp = match e {
+                        Some(e) if e != actual => Response::RevisionMismatch { revision: idx, expected: e, actual },
+                        _ => Response::Delete { revision: idx, deleted: model.remove(&k).is_some() },
+                    };
+                    (req, exp)
+                }
+                ModelOp::Txn(k, r, k2, v) => {
+                    let req = Request::new("", Command::Txn {
+                        compares: vec![Compare::Revision { key: key(k), revision: r }],
+                        success: vec![Op::Put { key: key(k2), value: vec![v] }],
+                        failure: vec![Op::Delete { key: key(k2) }],
+                    });
+                    let ok = model.get(&k).map(|x| x.2).unwrap_or(0) == r;
+                    if ok { model_put(&mut model, k2, v, idx); } else { model.remove(&k2); }
+                    (req, Response::Txn { revision: idx, succeeded: ok })
+                }
+                ModelOp::Retry(n) => {
+                    let Some((req, first)) = history.iter().filter(|(r, _)| !r.request_id.is_empty()).nth(n).cloned() else { continue };
+                    (req, first)
+                }
+            };
+            let got = s.run(idx, &req, DEFAULT_DEDUP_WINDOW);
+            prop_assert_eq!(&got, &expected);
+            history.push((req, got));
+            for k in 0u8..4 {
+                let stored = s.value(&[k]).map(|r| (r.value[0], r.create_revision, r.mod_revision, r.version));
+                prop_assert_eq!(stored, model.get(&k).cloned());
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Every key layout of both RocksDB stores, in one place.
+//!
+//! Log store (`<data>/log`):
+//! - `l` + index (u64 big-endian)      -> bincode `Entry`
+//! - `v`                               -> bincode `Vote`
+//! - `c`                               -> bincode `Option<LogId>` (committed)
+//! - `p`                               -> bincode `LogId` (last purged)
+//!
+//! State-machine store (`<data>/sm-<generation>`):
+//! - `d` + user key                    -> bincode `fsm::ValueRecord`
+//! - `m` + name                        -> metadata (`last_applied`, `membership`)
+//! - `r` + request id                  -> bincode `fsm::DedupRecord` (response of a request id)
+//! - `q` + index (u64 BE) + request id -> empty; expiry queue of request ids by the index they were applied at
+//!
+//! Big-endian indexes keep RocksDB's byte order equal to numeric order.
+
+pub const LOG_ENTRY: u8 = b'l';
+pub const LOG_VOTE: &[u8] = b"v";
+pub const LOG_COMMITTED: &[u8] = b"c";
+pub const LOG_PURGED: &[u8] = b"p";
+
+pub const SM_DATA: u8 = b'd';
+pub const SM_META_LAST_APPLIED: &[u8] = b"mlast_applied";
+pub const SM_META_MEMBERSHIP: &[u8] = b"mmembership";
+pub const SM_DEDUP: u8 = b'r';
+pub const SM_DEDUP_QUEUE: u8 = b'q';
+
+pub fn log_entry(index: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = LOG_ENTRY;
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Parses the index out of a log entry key; `None` for any other key.
+pub fn log_entry_index(key: &[u8]) -> Option<u64> {
+    if key.len() != 9 || key[0] != LOG_ENTRY {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&key[1..]);
+    Some(u64::from_be_bytes(b))
+}
+
+pub fn data(user_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + user_key.len());
+    k.push(SM_DATA);
+    k.extend_from_slice(user_key);
+    k
+}
+
+/// The user key of a data key, `None` for any other key.
+pub fn user_key(key: &[u8]) -> Option<&[u8]> {
+    match key.split_first() {
+        Some((&SM_DATA, rest)) => Some(rest),
+        _ => None,
+    }
+}
+
+pub fn dedup(request_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + request_id.len());
+    k.push(SM_DEDUP);
+    k.extend_from_slice(request_id.as_bytes());
+    k
+}
+
+pub fn dedup_queue(index: u64, request_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + request_id.len());
+    k.push(SM_DEDUP_QUEUE);
+    k.extend_from_slice(&index.to_be_bytes());
+    k.extend_from_slice(request_id.as_bytes());
+    k
+}
+
+/// Splits a dedup-queue key into (index, request id).
+pub fn parse_dedup_queue(key: &[u8]) -> Option<(u64, &str)> {
+    if key.len() < 9 || key[0] != SM_DEDUP_QUEUE {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&key[1..9]);
+    let id = std::str::from_utf8(&key[9..]).ok()?;
+    Some((u64::from_be_bytes(b), id))
+}
+
+/// The smallest key greater than every key that starts with `prefix` (None when there is none).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_keys_sort_numerically() {
+        assert!(log_entry(255) < log_entry(256));
+        assert_eq!(log_entry_index(&log_entry(42)), Some(42));
+        assert_eq!(log_entry_index(b"v"), None);
+    }
+
+    #[test]
+    fn dedup_queue_roundtrip() {
+        let k = dedup_queue(7, "abc");
+        assert_eq!(parse_dedup_queue(&k), Some((7, "abc")));
+        assert!(dedup_queue(7, "zzz") < dedup_queue(8, "aaa"));
+    }
+
+    #[test]
+    fn prefix_end_carries() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[b'a', 0xff]), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn user_key_only_for_data() {
+        assert_eq!(user_key(&data(b"x")), Some(&b"x"[..]));
+        assert_eq!(user_key(b"mlast_applied"), None);
+    }
+}

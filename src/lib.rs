@@ -1,0 +1,39 @@
+//! # metaraft
+//!
+//! A Raft-replicated, highly available metadata service. Module map (dependencies point down):
+//!
+//! ```text
+//! main.rs, cli.rs    the binary: serve, dev, kv, cluster, bench (bench.rs: load generator)
+//! server.rs          wiring of one node: stores, Raft, listeners, graceful shutdown
+//! api/               public gRPC services (Kv, Cluster); errors -> gRPC status in api/status.rs
+//! consensus/         openraft handle, write forwarding, read paths (read-index, session, stale), membership
+//! net/               peer transport: Raft RPCs and snapshot streaming over gRPC (tonic)
+//! fsm/               deterministic state machine: apply(state, index, command) -> (mutations, response)
+//! storage/           the only RocksDB user: log store (group commit), state-machine store, checkpoints
+//! keys.rs            every key layout of both stores
+//! raft_types.rs      openraft type configuration and the bincode codec
+//! config.rs          TOML config with documented defaults and validate()
+//! ops.rs / metrics.rs HTTP ops port: /healthz, /readyz, /metrics
+//! client.rs          client library used by the CLI, the bench tool and tests
+//! ```
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod consensus;
+pub mod fsm;
+pub mod keys;
+pub mod metrics;
+pub mod net;
+pub mod ops;
+pub mod raft_types;
+pub mod server;
+pub mod storage;
+
+/// Generated protobuf code.
+pub mod pb {
+    tonic::include_proto!("metaraft.v1");
+    pub mod peer {
+        tonic::include_proto!("metaraft.peer.v1");
+    }
+}

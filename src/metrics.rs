@@ -1,0 +1,190 @@
+//! Process metrics, rendered as Prometheus text on the ops port.
+//!
+//! Plain atomics and fixed-bucket histograms: no registry crate needed for a dozen series.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of latency buckets.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+#[derive(Default)]
+pub struct Histogram {
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(n: usize) -> Self {
+        Histogram {
+            counts: (0..=n).map(|_| AtomicU64::new(0)).collect(),
+            ..Default::default()
+        }
+    }
+    fn observe(&self, bounds: &[f64], v: f64) {
+        let i = bounds.iter().position(|b| v <= *b).unwrap_or(bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((v * 1e6) as u64, Ordering::Relaxed);
+    }
+    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
+        let mut cum = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in bounds.iter().enumerate() {
+            cum += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cum}");
+        }
+        cum += self.counts[bounds.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cum}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let lb = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{lb} {sum}");
+        let _ = writeln!(
+            out,
+            "{name}_count{lb} {}",
+            self.count.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// All metrics of one node.
+pub struct Metrics {
+    pub term: AtomicU64,
+    pub leader_changes: AtomicU64,
+    pub commit_index: AtomicU64,
+    pub applied_index: AtomicU64,
+    pub last_log_index: AtomicU64,
+    pub is_leader: AtomicU64,
+    fsync_latency: Histogram,
+    fsync_batch: Histogram,
+    rpc_latency: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            term: AtomicU64::new(0),
+            leader_changes: AtomicU64::new(0),
+            commit_index: AtomicU64::new(0),
+            applied_index: AtomicU64::new(0),
+            last_log_index: AtomicU64::new(0),
+            is_leader: AtomicU64::new(0),
+            fsync_latency: Histogram::new(LATENCY_BUCKETS.len()),
+            fsync_batch: Histogram::new(BATCH_BUCKETS.len()),
+            rpc_latency: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn observe_fsync(&self, d: Duration, batch: usize) {
+        self.fsync_latency
+            .observe(&LATENCY_BUCKETS, d.as_secs_f64());
+        self.fsync_batch.observe(&BATCH_BUCKETS, batch as f64);
+    }
+
+    /// Records one client RPC: `code` is "ok" or the gRPC code name.
+    pub fn observe_rpc(&self, rpc: &'static str, code: &'static str, d: Duration) {
+        let mut m = match self.rpc_latency.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        m.entry((rpc, code))
+            .or_insert_with(|| Histogram::new(LATENCY_BUCKETS.len()))
+            .observe(&LATENCY_BUCKETS, d.as_secs_f64());
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            &mut out,
+            "metaraft_term",
+            "Current Raft term.",
+            self.term.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP metaraft_leader_changes_total Leader changes seen by this node.\n# TYPE metaraft_leader_changes_total counter\nmetaraft_leader_changes_total {}",
+            self.leader_changes.load(Ordering::Relaxed)
+        );
+        gauge(
+            &mut out,
+            "metaraft_is_leader",
+            "1 when this node is the leader.",
+            self.is_leader.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "metaraft_commit_index",
+            "Highest committed log index known.",
+            self.commit_index.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "metaraft_applied_index",
+            "Highest applied log index.",
+            self.applied_index.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "metaraft_last_log_index",
+            "Last log index in the local log.",
+            self.last_log_index.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(out, "# HELP metaraft_log_fsync_seconds Latency of one log WAL fsync.\n# TYPE metaraft_log_fsync_seconds histogram");
+        self.fsync_latency
+            .render(&mut out, "metaraft_log_fsync_seconds", "", &LATENCY_BUCKETS);
+        let _ = writeln!(out, "# HELP metaraft_log_fsync_batch_size Appends covered by one fsync (group commit).\n# TYPE metaraft_log_fsync_batch_size histogram");
+        self.fsync_batch.render(
+            &mut out,
+            "metaraft_log_fsync_batch_size",
+            "",
+            &BATCH_BUCKETS,
+        );
+        let _ = writeln!(out, "# HELP metaraft_rpc_seconds Client RPC latency by method and result.\n# TYPE metaraft_rpc_seconds histogram");
+        let m = match self.rpc_latency.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for ((rpc, code), h) in m.iter() {
+            h.render(
+                &mut out,
+                "metaraft_rpc_seconds",
+                &format!("rpc=\"{rpc}\",code=\"{code}\""),
+                &LATENCY_BUCKETS,
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.observe_fsync(Duration::from_micros(300), 3);
+        m.observe_rpc("Put", "ok", Duration::from_millis(2));
+        let s = m.render();
+        assert!(s.contains("metaraft_log_fsync_seconds_count 1"));
+        assert!(s.contains("metaraft_log_fsync_batch_size_bucket{le=\"4\"} 1"));
+        assert!(s.contains("metaraft_rpc_seconds_count{rpc=\"Put\",code=\"ok\"} 1"));
+    }
+}

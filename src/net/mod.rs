@@ -1,0 +1,270 @@
+//! Peer transport: Raft RPCs, snapshot streaming and node-to-node calls over gRPC (tonic).
+//!
+//! - [`PeerPool`]: one long-lived HTTP/2 channel per peer address, shared by Raft replication and
+//!   by forwarding (writes, read-index, membership, status).
+//! - [`NetworkFactory`]/[`PeerNetwork`]: openraft's `RaftNetworkV2` over that pool.
+//! - [`service::PeerService`]: the server side, on the peer port only.
+//! - [`snapshot`]: streaming a checkpoint directory in CRC-checked chunks and receiving it into a
+//!   temporary directory that is fsync'd and renamed before openraft installs it.
+
+pub mod service;
+pub mod snapshot;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, RaftNetworkFactory, RaftNetworkV2};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::pb::peer::peer_client::PeerClient;
+use crate::pb::peer::Blob;
+use crate::raft_types::{decode, encode, Node, NodeId, TypeConfig, Vote};
+use crate::storage::SnapshotDir;
+
+/// Transport errors, as the consensus layer sees them.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("peer {addr} unreachable: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("peer {addr} answered {code:?}: {message}")]
+    Status {
+        addr: String,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("bad message from peer {addr}: {reason}")]
+    Codec { addr: String, reason: String },
+    #[error("bad peer address {addr}: {reason}")]
+    Address { addr: String, reason: String },
+}
+
+/// Max gRPC message size between peers (append batches can be large).
+pub const MAX_PEER_MESSAGE: usize = 64 << 20;
+
+/// One lazily connected channel per peer address.
+#[derive(Default)]
+pub struct PeerPool {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl PeerPool {
+    pub fn channel(&self, addr: &str) -> Result<Channel, NetError> {
+        let mut m = match self.channels.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(c) = m.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| NetError::Address {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .initial_connection_window_size(Some(8 << 20))
+            .initial_stream_window_size(Some(4 << 20));
+        let ch = ep.connect_lazy();
+        m.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    pub fn client(&self, addr: &str) -> Result<PeerClient<Channel>, NetError> {
+        Ok(PeerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE))
+    }
+
+    /// Sends a bincode-encoded request as a `Blob` and decodes the answer.
+    pub async fn call_blob<Req, Resp, F, Fut>(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        req: &Req,
+        f: F,
+    ) -> Result<Resp, NetError>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        F: FnOnce(PeerClient<Channel>, Blob) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Blob>, tonic::Status>>,
+    {
+        let data = encode(req).map_err(|e| NetError::Codec {
+            addr: addr.into(),
+            reason: e.to_string(),
+        })?;
+        let client = self.client(addr)?;
+        let resp = tokio::time::timeout(timeout, f(client, Blob { data }))
+            .await
+            .map_err(|_| NetError::Unreachable {
+                addr: addr.into(),
+                reason: format!("timed out after {timeout:?}"),
+            })?
+            .map_err(|s| status_to_net(addr, s))?;
+        decode(&resp.into_inner().data).map_err(|e| NetError::Codec {
+            addr: addr.into(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+pub(crate) fn status_to_net(addr: &str, s: tonic::Status) -> NetError {
+    match s.code() {
+        tonic::Code::Unavailable
+        | tonic::Code::Unknown
+        | tonic::Code::Cancelled
+        | tonic::Code::DeadlineExceeded => NetError::Unreachable {
+            addr: addr.into(),
+            reason: s.message().to_string(),
+        },
+        code => NetError::Status {
+            addr: addr.into(),
+            code,
+            message: s.message().to_string(),
+        },
+    }
+}
+
+/// Creates openraft network clients over the shared pool.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pub self_id: NodeId,
+    pub pool: Arc<PeerPool>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerNetwork {
+        PeerNetwork {
+            target,
+            self_id: self.self_id,
+            addr: node.peer_addr.clone(),
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+pub struct PeerNetwork {
+    target: NodeId,
+    self_id: NodeId,
+    addr: String,
+    pool: Arc<PeerPool>,
+}
+
+fn net_err<E: std::fmt::Display>(e: E) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&AnyError::error(e.to_string())))
+}
+
+fn to_rpc_err(e: NetError) -> RPCError<TypeConfig> {
+    match e {
+        NetError::Unreachable { .. } => {
+            RPCError::Unreachable(Unreachable::new(&AnyError::error(e.to_string())))
+        }
+        other => net_err(other),
+    }
+}
+
+impl PeerNetwork {
+    fn guard_self(&self) -> Result<(), RPCError<TypeConfig>> {
+        if self.target == self.self_id {
+            return Err(net_err(format!(
+                "refusing to connect node {} to itself",
+                self.self_id
+            )));
+        }
+        Ok(())
+    }
+
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        option: &RPCOption,
+        req: &Req,
+        f: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        F: FnOnce(PeerClient<Channel>, Blob) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Blob>, tonic::Status>>,
+    {
+        self.guard_self()?;
+        let r: Result<Resp, String> = self
+            .pool
+            .call_blob(&self.addr, option.hard_ttl(), req, f)
+            .await
+            .map_err(to_rpc_err)?;
+        r.map_err(net_err)
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerNetwork {
+    type SnapshotData = SnapshotDir;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&option, &rpc, |mut c, b| async move {
+            c.append_entries(b).await
+        })
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&option, &rpc, |mut c, b| async move { c.vote(b).await })
+            .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir>,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        if self.target == self.self_id {
+            return Err(StreamingError::Network(NetworkError::new(
+                &AnyError::error("snapshot to self"),
+            )));
+        }
+        let client = self.pool.client(&self.addr).map_err(|e| {
+            StreamingError::Network(NetworkError::new(&AnyError::error(e.to_string())))
+        })?;
+        let send = snapshot::send(client, vote, snapshot, option.hard_ttl());
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = send => r.map_err(|e| match e {
+                NetError::Unreachable { .. } => StreamingError::Unreachable(Unreachable::new(&AnyError::error(e.to_string()))),
+                other => StreamingError::Network(NetworkError::new(&AnyError::error(other.to_string()))),
+            }),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(&option, &req, |mut c, b| async move {
+            c.transfer_leader(b).await
+        })
+        .await
+    }
+}

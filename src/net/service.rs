@@ -1,0 +1,141 @@
+//! The peer gRPC service: Raft RPCs into openraft, snapshot reception, and the calls followers
+//! make to the leader (forwarded writes, membership changes, read index, status).
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::consensus::{AdminRequest, Consensus, ConsensusError, Forwarded};
+use crate::pb::peer::peer_server::Peer;
+use crate::pb::peer::{
+    Blob, NodeStatusRequest, NodeStatusResponse, ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
+};
+use crate::raft_types::{decode, encode};
+use crate::storage::SnapshotDir;
+
+pub struct PeerService {
+    pub node: Arc<Consensus>,
+}
+
+fn bad(what: &str, e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("cannot decode {what}: {e}"))
+}
+
+fn blob<T: serde::Serialize>(v: &T) -> Result<Response<Blob>, Status> {
+    encode(v)
+        .map(|data| Response::new(Blob { data }))
+        .map_err(|e| Status::internal(format!("encode: {e}")))
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append_entries(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(|e| bad("append entries", e))?;
+        let r = self
+            .node
+            .raft
+            .append_entries(rpc)
+            .await
+            .map_err(|e| e.to_string());
+        blob(&r)
+    }
+
+    async fn vote(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(|e| bad("vote", e))?;
+        let r = self.node.raft.vote(rpc).await.map_err(|e| e.to_string());
+        blob(&r)
+    }
+
+    async fn transfer_leader(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(|e| bad("transfer leader", e))?;
+        let r = self
+            .node
+            .raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(|e| e.to_string());
+        blob(&r)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Blob>, Status> {
+        let sm = self.node.sm.clone();
+        let tmp = sm.new_incoming_dir();
+        let (vote, meta, dir) =
+            super::snapshot::receive(req.into_inner(), tmp, |idx| sm.received_dir(idx))
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "snapshot receive failed");
+                    Status::data_loss(e.to_string())
+                })?;
+        tracing::info!(index = ?meta.last_log_id.map(|l| l.index), "snapshot received");
+        let snap = openraft::Snapshot {
+            meta,
+            snapshot: SnapshotDir { path: dir },
+        };
+        let r = self
+            .node
+            .raft
+            .install_full_snapshot(vote, snap)
+            .await
+            .map_err(|e| e.to_string());
+        blob(&r)
+    }
+
+    async fn forward(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let r: crate::fsm::Request =
+            decode(&req.into_inner().data).map_err(|e| bad("forwarded write", e))?;
+        blob(&self.node.write_local(r).await)
+    }
+
+    async fn admin(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let r: AdminRequest =
+            decode(&req.into_inner().data).map_err(|e| bad("admin request", e))?;
+        let out: Forwarded<_> = self.node.admin_local(r).await;
+        blob(&out)
+    }
+
+    async fn read_index(
+        &self,
+        _req: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        match self.node.read_index_local().await {
+            Ok(index) => Ok(Response::new(ReadIndexResponse { index })),
+            Err(ConsensusError::NoLeader { .. }) => {
+                Err(Status::failed_precondition("not the leader"))
+            }
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    async fn node_status(
+        &self,
+        req: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        let with_hash = req.into_inner().with_hash;
+        let s = self.node.local_status();
+        let mut out = NodeStatusResponse {
+            node_id: s.node_id,
+            role: s.role.to_string(),
+            term: s.term,
+            last_log_index: s.last_log_index,
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            state_hash: None,
+            hash_index: None,
+            client_addr: self.node.config.client_addr.clone(),
+        };
+        if with_hash {
+            let sm = self.node.sm.clone();
+            let (idx, h) = tokio::task::spawn_blocking(move || sm.state_hash())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))?;
+            out.hash_index = Some(idx);
+            out.state_hash = Some(u64::from(h));
+        }
+        Ok(Response::new(out))
+    }
+}

@@ -1,0 +1,317 @@
+//! Snapshot streaming: a checkpoint directory sent as a manifest (vote, metadata, file list with
+//! sizes and CRC32s) followed by chunks, each with its own CRC32. The receiver writes into a fresh
+//! temporary directory, checks every chunk, file size and file CRC, fsyncs, renames, and only
+//! then hands the directory to openraft. Memory stays bounded: a few chunks in flight.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use super::NetError;
+use crate::pb::peer::peer_client::PeerClient;
+use crate::pb::peer::{snapshot_chunk, FileChunk, FileEntry, SnapshotChunk, SnapshotManifest};
+use crate::raft_types::{decode, encode, SnapshotMeta, TypeConfig, Vote};
+use crate::storage::SnapshotDir;
+
+pub const CHUNK_SIZE: usize = 1 << 20;
+
+fn file_crc(path: &Path) -> std::io::Result<(u64, u32)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut n = 0u64;
+    loop {
+        let r = f.read(&mut buf)?;
+        if r == 0 {
+            break;
+        }
+        h.update(&buf[..r]);
+        n += r as u64;
+    }
+    Ok((n, h.finalize()))
+}
+
+/// Lists a snapshot directory as a manifest (sorted by name).
+pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<(FileEntry, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if !e.file_type()?.is_file() {
+            continue;
+        }
+        let (size, crc32) = file_crc(&e.path())?;
+        out.push((
+            FileEntry {
+                name: e.file_name().to_string_lossy().into_owned(),
+                size,
+                crc32,
+            },
+            e.path(),
+        ));
+    }
+    out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    Ok(out)
+}
+
+/// Streams `snapshot` to a peer and returns its answer.
+pub async fn send(
+    mut client: PeerClient<Channel>,
+    vote: Vote,
+    snapshot: openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir>,
+    timeout: Duration,
+) -> Result<openraft::raft::SnapshotResponse<TypeConfig>, NetError> {
+    let addr = "snapshot-target".to_string();
+    let dir = snapshot.snapshot.path.clone();
+    let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| NetError::Codec {
+        addr: addr.clone(),
+        reason: e.to_string(),
+    })?;
+    let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
+    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let files = manifest_files(&dir)?;
+        let total_bytes = files.iter().map(|f| f.0.size).sum();
+        let manifest = SnapshotManifest {
+            header,
+            files: files.iter().map(|f| f.0.clone()).collect(),
+            total_bytes,
+        };
+        if tx
+            .blocking_send(SnapshotChunk {
+                kind: Some(snapshot_chunk::Kind::Manifest(manifest)),
+            })
+            .is_err()
+        {
+            return Ok(());
+        }
+        for (i, (_, path)) in files.iter().enumerate() {
+            let mut f = std::fs::File::open(path)?;
+            let mut offset = 0u64;
+            loop {
+                let mut buf = vec![0u8; CHUNK_SIZE];
+                let n = read_full(&mut f, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                let crc32 = crc32fast::hash(&buf);
+                let chunk = FileChunk {
+                    file_index: i as u32,
+                    offset,
+                    data: buf,
+                    crc32,
+                };
+                if tx
+                    .blocking_send(SnapshotChunk {
+                        kind: Some(snapshot_chunk::Kind::Data(chunk)),
+                    })
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                offset += n as u64;
+            }
+        }
+        Ok(())
+    });
+    let call = client.install_snapshot(ReceiverStream::new(rx));
+    let resp = tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| NetError::Unreachable {
+            addr: addr.clone(),
+            reason: format!("snapshot timed out after {timeout:?}"),
+        })?
+        .map_err(|s| super::status_to_net(&addr, s))?;
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(NetError::Codec {
+                addr,
+                reason: format!("reading snapshot files: {e}"),
+            })
+        }
+        Err(e) => {
+            return Err(NetError::Codec {
+                addr,
+                reason: e.to_string(),
+            })
+        }
+    }
+    let r: Result<openraft::raft::SnapshotResponse<TypeConfig>, String> =
+        decode(&resp.into_inner().data).map_err(|e| NetError::Codec {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+    r.map_err(|message| NetError::Status {
+        addr,
+        code: tonic::Code::Internal,
+        message,
+    })
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let r = f.read(&mut buf[n..])?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    Ok(n)
+}
+
+/// Errors receiving a snapshot; the temporary directory is removed on any of them.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("snapshot stream: {0}")]
+    Protocol(String),
+    #[error("snapshot file {file}: {reason}")]
+    Integrity { file: String, reason: String },
+    #[error("snapshot io {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Receives one snapshot stream into `tmp`, verified and fsync'd; renames it to `final_dir(index)`.
+/// Returns (vote, meta, directory).
+pub async fn receive<S>(
+    mut stream: S,
+    tmp: PathBuf,
+    final_dir: impl FnOnce(u64) -> PathBuf,
+) -> Result<(Vote, SnapshotMeta, PathBuf), ReceiveError>
+where
+    S: futures::Stream<Item = Result<SnapshotChunk, tonic::Status>> + Unpin,
+{
+    use futures::StreamExt;
+    let res = async {
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| ReceiveError::Protocol("empty stream".into()))?
+            .map_err(|s| ReceiveError::Protocol(s.to_string()))?;
+        let Some(snapshot_chunk::Kind::Manifest(m)) = first.kind else {
+            return Err(ReceiveError::Protocol(
+                "first message must be the manifest".into(),
+            ));
+        };
+        let (vote, meta): (Vote, SnapshotMeta) = decode(&m.header)
+            .map_err(|e| ReceiveError::Protocol(format!("bad manifest header: {e}")))?;
+        for f in &m.files {
+            if f.name.is_empty()
+                || f.name.contains('/')
+                || f.name.contains('\\')
+                || f.name == "."
+                || f.name == ".."
+            {
+                return Err(ReceiveError::Protocol(format!(
+                    "illegal file name {:?}",
+                    f.name
+                )));
+            }
+        }
+        if !m
+            .files
+            .iter()
+            .any(|f| f.name == crate::storage::SNAPSHOT_META_FILE)
+        {
+            return Err(ReceiveError::Protocol(
+                "manifest lacks snapshot.meta".into(),
+            ));
+        }
+        std::fs::create_dir_all(&tmp).map_err(|source| ReceiveError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        let mut written = vec![0u64; m.files.len()];
+        let mut hashers: Vec<crc32fast::Hasher> =
+            m.files.iter().map(|_| crc32fast::Hasher::new()).collect();
+        let mut handles: Vec<Option<std::fs::File>> = Vec::with_capacity(m.files.len());
+        for f in &m.files {
+            let p = tmp.join(&f.name);
+            handles.push(Some(
+                std::fs::File::create(&p).map_err(|source| ReceiveError::Io { path: p, source })?,
+            ));
+        }
+        while let Some(msg) = stream.next().await {
+            let msg = msg.map_err(|s| ReceiveError::Protocol(s.to_string()))?;
+            let Some(snapshot_chunk::Kind::Data(c)) = msg.kind else {
+                return Err(ReceiveError::Protocol(
+                    "second manifest in one stream".into(),
+                ));
+            };
+            let i = c.file_index as usize;
+            let entry = m
+                .files
+                .get(i)
+                .ok_or_else(|| ReceiveError::Protocol(format!("file index {i} out of range")))?;
+            if crc32fast::hash(&c.data) != c.crc32 {
+                return Err(ReceiveError::Integrity {
+                    file: entry.name.clone(),
+                    reason: format!("chunk at offset {} fails its CRC32", c.offset),
+                });
+            }
+            if c.offset != written[i] {
+                return Err(ReceiveError::Integrity {
+                    file: entry.name.clone(),
+                    reason: format!("chunk at offset {}, expected {}", c.offset, written[i]),
+                });
+            }
+            if written[i] + c.data.len() as u64 > entry.size {
+                return Err(ReceiveError::Integrity {
+                    file: entry.name.clone(),
+                    reason: "more data than the manifest's size".into(),
+                });
+            }
+            let p = tmp.join(&entry.name);
+            let fh = handles[i]
+                .as_mut()
+                .ok_or_else(|| ReceiveError::Protocol("file closed".into()))?;
+            fh.write_all(&c.data)
+                .map_err(|source| ReceiveError::Io { path: p, source })?;
+            hashers[i].update(&c.data);
+            written[i] += c.data.len() as u64;
+        }
+        for (i, f) in m.files.iter().enumerate() {
+            if written[i] != f.size {
+                return Err(ReceiveError::Integrity {
+                    file: f.name.clone(),
+                    reason: format!("got {} bytes, manifest says {}", written[i], f.size),
+                });
+            }
+            let h = std::mem::replace(&mut hashers[i], crc32fast::Hasher::new()).finalize();
+            if h != f.crc32 {
+                return Err(ReceiveError::Integrity {
+                    file: f.name.clone(),
+                    reason: "whole-file CRC32 mismatch".into(),
+                });
+            }
+            let p = tmp.join(&f.name);
+            if let Some(fh) = handles[i].take() {
+                fh.sync_all()
+                    .map_err(|source| ReceiveError::Io { path: p, source })?;
+            }
+        }
+        crate::storage::sync_dir(&tmp).map_err(|e| ReceiveError::Protocol(e.to_string()))?;
+        let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        let fin = final_dir(index);
+        std::fs::rename(&tmp, &fin).map_err(|source| ReceiveError::Io {
+            path: fin.clone(),
+            source,
+        })?;
+        if let Some(parent) = fin.parent() {
+            crate::storage::sync_dir(parent).map_err(|e| ReceiveError::Protocol(e.to_string()))?;
+        }
+        Ok((vote, meta, fin))
+    }
+    .await;
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    res
+}

@@ -1,0 +1,186 @@
+//! Wiring of one node: stores, Raft, the peer and client gRPC listeners, the ops port, and
+//! graceful shutdown (stop accepting, stop Raft, flush).
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::Api;
+use crate::config::Config;
+use crate::consensus::{raft_config, Consensus};
+use crate::metrics::Metrics;
+use crate::net::service::PeerService;
+use crate::net::{NetworkFactory, PeerPool, MAX_PEER_MESSAGE};
+use crate::raft_types::{Node, Raft};
+use crate::storage::{LogStore, StateMachineStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("raft config: {0}")]
+    RaftConfig(String),
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A running node. Drop or call `shutdown` to stop it.
+pub struct Server {
+    pub node: Arc<Consensus>,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+impl Server {
+    pub async fn start(config: Config) -> Result<Server, ServerError> {
+        config.validate()?;
+        let rcfg = Arc::new(raft_config(&config).map_err(ServerError::RaftConfig)?);
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        // Bind first: a port clash is reported before anything is touched.
+        let peer_l = bind(&config.peer_addr).await?;
+        let client_l = bind(&config.client_addr).await?;
+        let ops_l = if config.ops_addr.is_empty() {
+            None
+        } else {
+            Some(bind(&config.ops_addr).await?)
+        };
+
+        let metrics = Arc::new(Metrics::default());
+        let log = LogStore::open(&config.data_dir.join("log"), metrics.clone())?;
+        let sm = StateMachineStore::open(&config.data_dir, config.raft.dedup_window)?;
+        let pool = Arc::new(PeerPool::default());
+        let factory = NetworkFactory {
+            self_id: config.node_id,
+            pool: pool.clone(),
+        };
+        let raft = Raft::new(config.node_id, rcfg, factory, log, sm.clone())
+            .await
+            .map_err(|e| ServerError::Raft(e.to_string()))?;
+        let node = Arc::new(Consensus {
+            id: config.node_id,
+            raft: raft.clone(),
+            sm,
+            pool,
+            metrics,
+            config: config.clone(),
+        });
+
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        node.spawn_watchers(shutdown_rx.clone());
+        let mut tasks = Vec::new();
+
+        let peer_svc =
+            crate::pb::peer::peer_server::PeerServer::new(PeerService { node: node.clone() })
+                .max_decoding_message_size(MAX_PEER_MESSAGE)
+                .max_encoding_message_size(MAX_PEER_MESSAGE);
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(peer_svc)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(peer_l), async move {
+                    let _ = rx.changed().await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "peer server stopped");
+            }
+        }));
+
+        let max_req = config.limits.max_request_bytes;
+        let kv = crate::pb::kv_server::KvServer::new(Api { node: node.clone() })
+            .max_decoding_message_size(max_req);
+        let cluster = crate::pb::cluster_server::ClusterServer::new(Api { node: node.clone() });
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(kv)
+                .add_service(cluster)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(client_l), async move {
+                    let _ = rx.changed().await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "client server stopped");
+            }
+        }));
+
+        if let Some(l) = ops_l {
+            tasks.push(tokio::spawn(crate::ops::serve(
+                l,
+                node.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+
+        if !config.initial_members.is_empty() {
+            let initialized = raft
+                .is_initialized()
+                .await
+                .map_err(|e| ServerError::Raft(e.to_string()))?;
+            if !initialized {
+                let members: std::collections::BTreeMap<u64, Node> = config
+                    .initial_members
+                    .iter()
+                    .map(|(id, addr)| {
+                        (
+                            *id,
+                            Node {
+                                peer_addr: addr.clone(),
+                                client_addr: String::new(),
+                            },
+                        )
+                    })
+                    .collect();
+                // Every initial member calls this with the identical membership; openraft's vote
+                // decides which copy wins. Client addresses are learned from NodeStatus.
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::info!(error = %e, "initialize skipped");
+                }
+            }
+        }
+        tracing::info!(node = config.node_id, client = %config.client_addr, peer = %config.peer_addr, ops = %config.ops_addr, "node started");
+        Ok(Server {
+            node,
+            shutdown_tx,
+            tasks,
+        })
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        if let Err(e) = self.node.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        tracing::info!(node = self.node.id, "node stopped");
+    }
+}

@@ -1,0 +1,595 @@
+//! The state-machine store: applied state in RocksDB, snapshots as RocksDB checkpoints.
+//!
+//! Layout under the data directory:
+//! - `sm-<generation>/`: the live state-machine DB. `SM_CURRENT` names the live generation.
+//!   Installing a snapshot opens a new generation built from the snapshot's files, then flips
+//!   `SM_CURRENT` (write temp, fsync, rename, fsync dir).
+//! - `snapshots/snap-<index>-<n>/`: checkpoints (SST files hard-linked) plus `snapshot.meta`.
+//!   The newest two are kept; older ones are removed.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use rocksdb::{
+    checkpoint::Checkpoint, Direction, IteratorMode, Options, ReadOptions, WriteBatch, DB,
+};
+use tokio::sync::watch;
+
+use super::{dec, enc, sync_dir, StorageError};
+use crate::fsm::{self, FsmError, Mutation, Response, StateRead};
+use crate::keys;
+use crate::raft_types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
+
+pub const SNAPSHOT_META_FILE: &str = "snapshot.meta";
+const SM_CURRENT: &str = "SM_CURRENT";
+
+/// A snapshot on local disk: a directory holding a RocksDB checkpoint and `snapshot.meta`.
+#[derive(Debug, Clone)]
+pub struct SnapshotDir {
+    pub path: PathBuf,
+}
+
+/// A user value as the API layer sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredValue {
+    pub key: Vec<u8>,
+    pub record: fsm::ValueRecord,
+}
+
+struct Shared {
+    data_dir: PathBuf,
+    db: RwLock<Arc<DB>>,
+    generation: AtomicU64,
+    applied_tx: watch::Sender<u64>,
+    dedup_window: u64,
+    current_snapshot: Mutex<Option<(SnapshotMeta, PathBuf)>>,
+    snapshot_seq: AtomicU64,
+    /// Serialises snapshot builds and installs.
+    snapshot_lock: tokio::sync::Mutex<()>,
+}
+
+/// The openraft state machine over RocksDB. Clones share the same store.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: Arc<Shared>,
+}
+
+fn sm_options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o
+}
+
+impl StateMachineStore {
+    /// Opens (or creates) the state machine under `data_dir`.
+    pub fn open(data_dir: &Path, dedup_window: u64) -> Result<StateMachineStore, StorageError> {
+        let snaps = data_dir.join("snapshots");
+        std::fs::create_dir_all(&snaps).map_err(StorageError::io("create", &snaps))?;
+        let gen = match std::fs::read_to_string(data_dir.join(SM_CURRENT)) {
+            Ok(s) => s.trim().parse::<u64>().map_err(|e| StorageError::Decode {
+                what: format!("{}", data_dir.join(SM_CURRENT).display()),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => {
+                return Err(StorageError::Io {
+                    op: "read",
+                    path: data_dir.join(SM_CURRENT),
+                    source: e,
+                })
+            }
+        };
+        let db_path = data_dir.join(format!("sm-{gen}"));
+        let db =
+            DB::open(&sm_options(), &db_path).map_err(StorageError::rocks("open state machine"))?;
+        if gen == 0 {
+            write_current(data_dir, 0)?;
+        }
+        // Remove generations and half-written snapshots a crash left behind.
+        cleanup_dir(data_dir, |name| {
+            name.starts_with("sm-") && name != format!("sm-{gen}")
+        });
+        cleanup_dir(&snaps, |name| {
+            name.starts_with("incoming-") || name.starts_with("building-")
+        });
+
+        let applied = read_last_applied(&db)?.map(|l| l.index).unwrap_or(0);
+        let (applied_tx, _) = watch::channel(applied);
+        let current = latest_snapshot(&snaps)?;
+        let store = StateMachineStore {
+            shared: Arc::new(Shared {
+                data_dir: data_dir.to_path_buf(),
+                db: RwLock::new(Arc::new(db)),
+                generation: AtomicU64::new(gen),
+                applied_tx,
+                dedup_window,
+                current_snapshot: Mutex::new(current),
+                snapshot_seq: AtomicU64::new(0),
+                snapshot_lock: tokio::sync::Mutex::new(()),
+            }),
+        };
+        Ok(store)
+    }
+
+    fn db(&self) -> Arc<DB> {
+        match self.shared.db.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Where the network layer writes an incoming snapshot before handing it to openraft.
+    pub fn new_incoming_dir(&self) -> PathBuf {
+        let n = self.shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .data_dir
+            .join("snapshots")
+            .join(format!("incoming-{}-{n}", std::process::id()))
+    }
+
+    /// The directory a received snapshot is renamed to once complete.
+    pub fn received_dir(&self, index: u64) -> PathBuf {
+        let n = self.shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .data_dir
+            .join("snapshots")
+            .join(format!("snap-{index:020}-r{n}"))
+    }
+
+    /// Index of the last applied entry (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        *self.shared.applied_tx.borrow()
+    }
+
+    pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
+        self.shared.applied_tx.subscribe()
+    }
+
+    /// Waits until at least `index` is applied, or the timeout passes (returns the applied index).
+    pub async fn wait_applied(&self, index: u64, timeout: std::time::Duration) -> Result<u64, u64> {
+        let mut rx = self.subscribe_applied();
+        let r = tokio::time::timeout(timeout, async {
+            rx.wait_for(|a| *a >= index).await.map(|v| *v)
+        })
+        .await;
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            _ => Err(self.applied_index()),
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
+        let db = self.db();
+        match db
+            .get(keys::data(key))
+            .map_err(StorageError::rocks("get"))?
+        {
+            None => Ok(None),
+            Some(b) => Ok(Some(StoredValue {
+                key: key.to_vec(),
+                record: dec("value", &b)?,
+            })),
+        }
+    }
+
+    /// Keys starting with `prefix`, strictly after `start_after` (if non-empty), at most `limit`;
+    /// returns (values, more).
+    pub fn range(
+        &self,
+        prefix: &[u8],
+        start_after: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<StoredValue>, bool), StorageError> {
+        let db = self.db();
+        let mut ro = ReadOptions::default();
+        let upper =
+            keys::prefix_end(&keys::data(prefix)).unwrap_or_else(|| vec![keys::SM_DATA + 1]);
+        ro.set_iterate_upper_bound(upper);
+        let start = if start_after.is_empty() || start_after < prefix {
+            keys::data(prefix)
+        } else {
+            let mut s = keys::data(start_after);
+            s.push(0); // strictly after
+            s
+        };
+        let mut out = Vec::new();
+        let mut more = false;
+        for r in db.iterator_opt(IteratorMode::From(&start, Direction::Forward), ro) {
+            let (k, v) = r.map_err(StorageError::rocks("range"))?;
+            let Some(uk) = keys::user_key(&k) else { break };
+            if out.len() >= limit {
+                more = true;
+                break;
+            }
+            out.push(StoredValue {
+                key: uk.to_vec(),
+                record: dec("value", &v)?,
+            });
+        }
+        Ok((out, more))
+    }
+
+    /// CRC32 over every key and value of the state machine, read from one consistent RocksDB
+    /// snapshot, with the applied index it belongs to.
+    pub fn state_hash(&self) -> Result<(u64, u32), StorageError> {
+        let db = self.db();
+        let snap = db.snapshot();
+        let applied = match snap
+            .get(keys::SM_META_LAST_APPLIED)
+            .map_err(StorageError::rocks("get"))?
+        {
+            None => 0,
+            Some(b) => dec::<Option<LogId>>("last applied", &b)?
+                .map(|l| l.index)
+                .unwrap_or(0),
+        };
+        let mut h = crc32fast::Hasher::new();
+        for r in snap.iterator(IteratorMode::Start) {
+            let (k, v) = r.map_err(StorageError::rocks("hash"))?;
+            h.update(&(k.len() as u64).to_le_bytes());
+            h.update(&k);
+            h.update(&(v.len() as u64).to_le_bytes());
+            h.update(&v);
+        }
+        Ok((applied, h.finalize()))
+    }
+
+    fn apply_one(
+        &self,
+        db: &DB,
+        entry: &crate::raft_types::Entry,
+    ) -> Result<Response, StorageError> {
+        let index = entry.log_id.index;
+        let mut batch = WriteBatch::default();
+        let resp = match &entry.payload {
+            EntryPayload::Blank => Response::None { revision: index },
+            EntryPayload::Normal(req) => {
+                if req.format_version > fsm::COMMAND_FORMAT_VERSION {
+                    return Err(StorageError::UnsupportedFormat {
+                        index,
+                        version: req.format_version,
+                        supported: fsm::COMMAND_FORMAT_VERSION,
+                    });
+                }
+                let (muts, resp) = fsm::apply(&DbState(db), index, req, self.shared.dedup_window)?;
+                for m in muts {
+                    match m {
+                        Mutation::Put(k, v) => batch.put(k, v),
+                        Mutation::Delete(k) => batch.delete(k),
+                    }
+                }
+                resp
+            }
+            EntryPayload::Membership(m) => {
+                let sm = StoredMembership::new(Some(entry.log_id), m.clone());
+                batch.put(keys::SM_META_MEMBERSHIP, enc("membership", &sm)?);
+                Response::None { revision: index }
+            }
+        };
+        batch.put(
+            keys::SM_META_LAST_APPLIED,
+            enc("last applied", &Some(entry.log_id))?,
+        );
+        // Unsynced: the log is the durable record; a crash re-applies from last_applied.
+        db.write(batch).map_err(StorageError::rocks("apply"))?;
+        Ok(resp)
+    }
+
+    fn read_membership(db: &DB) -> Result<StoredMembership, StorageError> {
+        match db
+            .get(keys::SM_META_MEMBERSHIP)
+            .map_err(StorageError::rocks("get"))?
+        {
+            None => Ok(StoredMembership::default()),
+            Some(b) => dec("membership", &b),
+        }
+    }
+
+    /// Takes a checkpoint of the live DB and records its metadata, read from the checkpoint itself
+    /// so the metadata always matches the data.
+    fn build_checkpoint(&self) -> Result<(SnapshotMeta, PathBuf), StorageError> {
+        let snaps = self.shared.data_dir.join("snapshots");
+        let n = self.shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = snaps.join(format!("building-{n}"));
+        {
+            let db = self.db();
+            let cp = Checkpoint::new(&db).map_err(StorageError::rocks("checkpoint"))?;
+            cp.create_checkpoint(&tmp)
+                .map_err(StorageError::rocks("create checkpoint"))?;
+        }
+        let meta = {
+            let ro = DB::open_for_read_only(&Options::default(), &tmp, false)
+                .map_err(StorageError::rocks("open checkpoint"))?;
+            SnapshotMeta {
+                last_log_id: read_last_applied(&ro)?,
+                last_membership: Self::read_membership(&ro)?,
+            }
+        };
+        write_file_synced(&tmp.join(SNAPSHOT_META_FILE), &enc("snapshot meta", &meta)?)?;
+        sync_dir(&tmp)?;
+        let idx = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        let fin = snaps.join(format!("snap-{idx:020}-b{n}"));
+        std::fs::rename(&tmp, &fin).map_err(StorageError::io("rename", &fin))?;
+        sync_dir(&snaps)?;
+        self.set_current_snapshot(meta.clone(), fin.clone());
+        Ok((meta, fin))
+    }
+
+    fn set_current_snapshot(&self, meta: SnapshotMeta, path: PathBuf) {
+        let mut cur = match self.shared.current_snapshot.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *cur = Some((meta, path.clone()));
+        drop(cur);
+        // Keep the newest two snapshots: one may still be streaming to a follower.
+        let snaps = self.shared.data_dir.join("snapshots");
+        let mut all = list_snapshots(&snaps);
+        all.sort();
+        if all.len() > 2 {
+            for old in &all[..all.len() - 2] {
+                if *old != path {
+                    let _ = std::fs::remove_dir_all(old);
+                }
+            }
+        }
+    }
+
+    /// Replaces the live state with the snapshot in `dir` (a complete, fsync'd checkpoint).
+    fn install_dir(&self, meta: &SnapshotMeta, dir: &Path) -> Result<(), StorageError> {
+        let on_disk: SnapshotMeta =
+            dec("snapshot meta", &read_file(&dir.join(SNAPSHOT_META_FILE))?)?;
+        if on_disk.last_log_id != meta.last_log_id {
+            return Err(StorageError::Snapshot {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "metadata says {:?}, files hold {:?}",
+                    meta.last_log_id, on_disk.last_log_id
+                ),
+            });
+        }
+        let gen = self.shared.generation.load(Ordering::SeqCst) + 1;
+        let target = self.shared.data_dir.join(format!("sm-{gen}"));
+        let _ = std::fs::remove_dir_all(&target);
+        std::fs::create_dir_all(&target).map_err(StorageError::io("create", &target))?;
+        for ent in std::fs::read_dir(dir).map_err(StorageError::io("read dir", dir))? {
+            let ent = ent.map_err(StorageError::io("read dir", dir))?;
+            let name = ent.file_name();
+            let src = ent.path();
+            let dst = target.join(&name);
+            if name.to_string_lossy().ends_with(".sst") {
+                // SST files are immutable: share them.
+                std::fs::hard_link(&src, &dst).map_err(StorageError::io("link", &dst))?;
+            } else {
+                // MANIFEST, WAL, OPTIONS are appended to by the live DB: copy them.
+                std::fs::copy(&src, &dst).map_err(StorageError::io("copy", &dst))?;
+            }
+        }
+        sync_dir(&target)?;
+        let db = DB::open(&sm_options(), &target)
+            .map_err(StorageError::rocks("open installed snapshot"))?;
+        let applied = read_last_applied(&db)?;
+        if applied != meta.last_log_id {
+            return Err(StorageError::Snapshot {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "installed state is at {applied:?}, expected {:?}",
+                    meta.last_log_id
+                ),
+            });
+        }
+        let old_gen = self.shared.generation.swap(gen, Ordering::SeqCst);
+        {
+            let mut g = match self.shared.db.write() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            *g = Arc::new(db);
+        }
+        write_current(&self.shared.data_dir, gen)?;
+        let old = self.shared.data_dir.join(format!("sm-{old_gen}"));
+        // Readers may still hold the old DB for a moment; remove it a little later.
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(10));
+            let _ = std::fs::remove_dir_all(old);
+        });
+        self.shared
+            .applied_tx
+            .send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        Ok(())
+    }
+}
+
+struct DbState<'a>(&'a DB);
+
+impl StateRead for DbState<'_> {
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError> {
+        self.0.get(key).map_err(|e| FsmError::Read(e.to_string()))
+    }
+    fn expired_dedup(&self, below: u64, limit: usize) -> Result<Vec<Vec<u8>>, FsmError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::dedup_queue(below, ""));
+        let start = [keys::SM_DEDUP_QUEUE];
+        let mut out = Vec::new();
+        for r in self
+            .0
+            .iterator_opt(IteratorMode::From(&start, Direction::Forward), ro)
+            .take(limit)
+        {
+            let (k, _) = r.map_err(|e| FsmError::Read(e.to_string()))?;
+            out.push(k.to_vec());
+        }
+        Ok(out)
+    }
+}
+
+fn read_last_applied(db: &DB) -> Result<Option<LogId>, StorageError> {
+    match db
+        .get(keys::SM_META_LAST_APPLIED)
+        .map_err(StorageError::rocks("get"))?
+    {
+        None => Ok(None),
+        Some(b) => dec("last applied", &b),
+    }
+}
+
+fn write_current(data_dir: &Path, gen: u64) -> Result<(), StorageError> {
+    let tmp = data_dir.join(format!("{SM_CURRENT}.tmp"));
+    write_file_synced(&tmp, gen.to_string().as_bytes())?;
+    let dst = data_dir.join(SM_CURRENT);
+    std::fs::rename(&tmp, &dst).map_err(StorageError::io("rename", &dst))?;
+    sync_dir(data_dir)
+}
+
+pub(crate) fn write_file_synced(path: &Path, data: &[u8]) -> Result<(), StorageError> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(StorageError::io("create", path))?;
+    f.write_all(data).map_err(StorageError::io("write", path))?;
+    f.sync_all().map_err(StorageError::io("fsync", path))
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, StorageError> {
+    std::fs::read(path).map_err(StorageError::io("read", path))
+}
+
+fn cleanup_dir(dir: &Path, pred: impl Fn(&str) -> bool) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if pred(&e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+fn list_snapshots(snaps: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(snaps) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("snap-") {
+                v.push(e.path());
+            }
+        }
+    }
+    v
+}
+
+fn latest_snapshot(snaps: &Path) -> Result<Option<(SnapshotMeta, PathBuf)>, StorageError> {
+    let mut all = list_snapshots(snaps);
+    all.sort();
+    while let Some(p) = all.pop() {
+        match std::fs::read(p.join(SNAPSHOT_META_FILE)) {
+            Ok(b) => return Ok(Some((dec("snapshot meta", &b)?, p))),
+            Err(_) => {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Builds a snapshot off the apply path: the checkpoint is a point-in-time view.
+pub struct SnapshotBuilder {
+    store: StateMachineStore,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotDir;
+
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir>, std::io::Error>
+    {
+        let _g = self.store.shared.snapshot_lock.lock().await;
+        let store = self.store.clone();
+        let (meta, path) = tokio::task::spawn_blocking(move || store.build_checkpoint())
+            .await
+            .map_err(std::io::Error::other)??;
+        tracing::info!(index = ?meta.last_log_id.map(|l| l.index), path = %path.display(), "snapshot built");
+        Ok(openraft::Snapshot {
+            meta,
+            snapshot: SnapshotDir { path },
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotDir;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), std::io::Error> {
+        let db = self.db();
+        Ok((read_last_applied(&db)?, Self::read_membership(&db)?))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), std::io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, std::io::Error>>
+            + Unpin
+            + OptionalSend,
+    {
+        let db = self.db();
+        let mut last = None;
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let resp = match self.apply_one(&db, &entry) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(index = entry.log_id.index, error = %e, "apply failed; stopping");
+                    return Err(e.into());
+                }
+            };
+            last = Some(entry.log_id.index);
+            if let Some(r) = responder {
+                r.send(resp);
+            }
+        }
+        if let Some(i) = last {
+            self.shared.applied_tx.send_replace(i);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            store: self.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotDir,
+    ) -> Result<(), std::io::Error> {
+        let _g = self.shared.snapshot_lock.lock().await;
+        let store = self.clone();
+        let m = meta.clone();
+        let dir = snapshot.path.clone();
+        tokio::task::spawn_blocking(move || store.install_dir(&m, &dir))
+            .await
+            .map_err(std::io::Error::other)??;
+        self.set_current_snapshot(meta.clone(), snapshot.path);
+        tracing::info!(index = ?meta.last_log_id.map(|l| l.index), "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<
+        Option<openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir>>,
+        std::io::Error,
+    > {
+        let cur = match self.shared.current_snapshot.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        Ok(cur.map(|(meta, path)| openraft::Snapshot {
+            meta,
+            snapshot: SnapshotDir { path },
+        }))
+    }
+}

@@ -1,0 +1,159 @@
+//! openraft's storage conformance suite against our RocksDB stores, plus store-specific tests.
+
+use std::sync::Arc;
+
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::RaftSnapshotBuilder;
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::raft_types::TypeConfig;
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), openraft::StorageError<TypeConfig>>
+    {
+        let dir = tempfile::tempdir()
+            .map_err(|e| openraft::StorageError::read(openraft::AnyError::new(&e).into()))?;
+        let log =
+            LogStore::open(&dir.path().join("log"), Arc::new(Metrics::default())).map_err(|e| {
+                openraft::StorageError::read(openraft::AnyError::error(e.to_string()).into())
+            })?;
+        let sm = StateMachineStore::open(dir.path(), 1000).map_err(|e| {
+            openraft::StorageError::read(openraft::AnyError::error(e.to_string()).into())
+        })?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_conformance_suite() {
+    Suite::test_all(Builder)
+        .await
+        .expect("openraft storage suite");
+}
+
+fn entry(index: u64, key: &str, value: &str) -> crate::raft_types::Entry {
+    openraft::Entry {
+        log_id: openraft::LogId::new(
+            openraft::impls::leader_id_adv::CommittedLeaderId::new(1, 1),
+            index,
+        ),
+        payload: openraft::EntryPayload::Normal(crate::fsm::Request::new(
+            "",
+            crate::fsm::Command::Put {
+                key: key.into(),
+                value: value.into(),
+                expected_revision: None,
+            },
+        )),
+    }
+}
+
+async fn apply(sm: &mut StateMachineStore, entries: Vec<crate::raft_types::Entry>) {
+    let s = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
+    sm.apply(s).await.expect("apply");
+}
+
+#[tokio::test]
+async fn snapshot_install_restores_exact_state_and_survives_reopen() {
+    let a = tempfile::tempdir().expect("tmp");
+    let b = tempfile::tempdir().expect("tmp");
+    let mut sa = StateMachineStore::open(a.path(), 1000).expect("open a");
+    let mut sb = StateMachineStore::open(b.path(), 1000).expect("open b");
+    apply(
+        &mut sa,
+        (1..=50)
+            .map(|i| entry(i, &format!("k{i:03}"), "v"))
+            .collect(),
+    )
+    .await;
+    let snap = sa
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build");
+    // Writes after the checkpoint do not leak into it.
+    apply(&mut sa, vec![entry(51, "late", "x")]).await;
+    sb.install_snapshot(&snap.meta, snap.snapshot.clone())
+        .await
+        .expect("install");
+    assert_eq!(sb.applied_index(), 50);
+    assert!(sb.get(b"late").expect("get").is_none());
+    assert_eq!(sb.range(b"k", b"", 1000).expect("range").0.len(), 50);
+    let hash_b = sb.state_hash().expect("hash");
+    drop(sb);
+    let sb = StateMachineStore::open(b.path(), 1000).expect("reopen b");
+    assert_eq!(
+        sb.state_hash().expect("hash"),
+        hash_b,
+        "installed generation survives restart"
+    );
+    assert_eq!(sb.applied_index(), 50);
+}
+
+#[tokio::test]
+async fn range_paginates_by_key() {
+    let a = tempfile::tempdir().expect("tmp");
+    let mut s = StateMachineStore::open(a.path(), 1000).expect("open");
+    apply(
+        &mut s,
+        vec![
+            entry(1, "p/a", "1"),
+            entry(2, "p/b", "2"),
+            entry(3, "p/c", "3"),
+            entry(4, "q", "4"),
+        ],
+    )
+    .await;
+    let (page, more) = s.range(b"p/", b"", 2).expect("range");
+    assert_eq!(
+        page.iter().map(|v| v.key.clone()).collect::<Vec<_>>(),
+        vec![b"p/a".to_vec(), b"p/b".to_vec()]
+    );
+    assert!(more);
+    let (page, more) = s.range(b"p/", b"p/b", 2).expect("range");
+    assert_eq!(page.len(), 1);
+    assert!(!more);
+    let (all, _) = s.range(b"", b"", 10).expect("range");
+    assert_eq!(all.len(), 4);
+}
+
+#[tokio::test]
+async fn corrupt_state_machine_pointer_is_a_clear_error() {
+    let a = tempfile::tempdir().expect("tmp");
+    drop(StateMachineStore::open(a.path(), 1000).expect("open"));
+    std::fs::write(a.path().join("SM_CURRENT"), b"garbage").expect("write");
+    let err = StateMachineStore::open(a.path(), 1000)
+        .err()
+        .expect("must fail");
+    assert!(err.to_string().contains("SM_CURRENT"), "{err}");
+}
+
+#[tokio::test]
+async fn log_survives_reopen_and_truncates() {
+    let a = tempfile::tempdir().expect("tmp");
+    let m = Arc::new(Metrics::default());
+    {
+        let mut log = LogStore::open(&a.path().join("log"), m.clone()).expect("open");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        log.append(
+            (1..=10).map(|i| entry(i, "k", "v")),
+            openraft::storage::IOFlushed::signal(tx),
+        )
+        .await
+        .expect("append");
+        rx.await.expect("flushed").expect("ok");
+        log.truncate_after(Some(entry(7, "", "").log_id))
+            .await
+            .expect("truncate");
+    }
+    let mut log = LogStore::open(&a.path().join("log"), m).expect("reopen");
+    let st = log.get_log_state().await.expect("state");
+    assert_eq!(st.last_log_id.map(|l| l.index), Some(7));
+}

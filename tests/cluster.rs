@@ -1,0 +1,637 @@
+//! Cluster tests with three real `metaraft serve` processes.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use metaraft::pb;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t01_leader_killed_under_write_load_loses_no_acknowledged_write() {
+    let _g = serial();
+    let mut c = TestCluster::start(3, &[]);
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    tracing_log("--- start writers");
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (client, acked, stop) = (c.client(), acked.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("load/{w}/{i}");
+                let r = client
+                    .put(pb::PutRequest {
+                        key: key.clone().into_bytes(),
+                        value: b"v".to_vec(),
+                        ..Default::default()
+                    })
+                    .await;
+                if r.is_ok() {
+                    acked.lock().expect("lock").insert(key);
+                }
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = acked.lock().expect("lock").len();
+    assert!(before > 10, "writes flowed before the kill ({before})");
+    tracing_log("--- kill the leader");
+    let killed_at = Instant::now();
+    c.kill(leader);
+    let new_leader = c.wait_for_leader(Duration::from_secs(15)).await;
+    let failover = killed_at.elapsed();
+    assert_ne!(new_leader, leader);
+    // Election timeouts are 0.5-1 s: a new leader within a few of them.
+    assert!(
+        failover < Duration::from_secs(6),
+        "failover took {failover:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let acked = acked.lock().expect("lock").clone();
+    assert!(acked.len() > before, "writes continued after failover");
+    tracing_log("--- restart the old leader and check every acknowledged write");
+    c.spawn(leader);
+    let client = c.client();
+    for key in &acked {
+        assert_eq!(
+            get_value(&client, key).await.as_deref(),
+            Some(&b"v"[..]),
+            "acknowledged write {key} lost"
+        );
+    }
+    let idx = c.wait_converged(Duration::from_secs(30)).await;
+    assert!(idx > 0);
+    eprintln!(
+        "failover {failover:?}, {} acknowledged writes verified",
+        acked.len()
+    );
+}
+
+fn tracing_log(s: &str) {
+    eprintln!("{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t02_all_nodes_killed_and_restarted_keep_every_write_and_equal_hashes() {
+    let _g = serial();
+    let mut c = TestCluster::start(3, &[]);
+    c.wait_for_leader(Duration::from_secs(20)).await;
+    let client = c.client();
+    for i in 0..200 {
+        put(&client, &format!("k/{i:04}"), &format!("v{i}")).await;
+    }
+    tracing_log("--- kill -9 every node, then restart");
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    c.wait_for_leader(Duration::from_secs(20)).await;
+    let client = c.client();
+    for i in 0..200 {
+        assert_eq!(
+            get_value(&client, &format!("k/{i:04}")).await,
+            Some(format!("v{i}").into_bytes())
+        );
+    }
+    let idx = c.wait_converged(Duration::from_secs(30)).await;
+    let mut hashes = BTreeSet::new();
+    for i in 0..3 {
+        let s = c.self_status(i, true).await;
+        assert_eq!(s.hash_index, Some(idx));
+        hashes.insert(s.state_hash.expect("hash"));
+    }
+    assert_eq!(hashes.len(), 1, "state hashes differ: {hashes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t03_follower_that_missed_purged_log_catches_up_by_snapshot() {
+    let _g = serial();
+    let mut c = TestCluster::start(
+        3,
+        &[
+            "--snapshot-logs-since-last",
+            "50",
+            "--max-in-snapshot-log-to-keep",
+            "0",
+        ],
+    );
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    let follower = (leader + 1) % 3;
+    tracing_log("--- stop a follower, write past several snapshots");
+    c.kill(follower);
+    let client = c.client();
+    for i in 0..400 {
+        put(&client, &format!("s/{i:04}"), "x").await;
+    }
+    // Let the leader snapshot and purge.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tracing_log("--- restart the follower");
+    c.spawn(follower);
+    c.wait_converged(Duration::from_secs(60)).await;
+    assert!(
+        c.log_text(follower).contains("snapshot installed"),
+        "follower caught up without a snapshot"
+    );
+    let fc = c.client_at(follower);
+    let r = fc
+        .range(pb::RangeRequest {
+            prefix: b"s/".to_vec(),
+            limit: 1000,
+            read: linearizable(),
+            ..Default::default()
+        })
+        .await
+        .expect("range on follower");
+    assert_eq!(r.kvs.len(), 400);
+    let idx = c.wait_converged(Duration::from_secs(30)).await;
+    let h: BTreeSet<_> = futures_hashes(&c).await;
+    assert_eq!(h.len(), 1, "hashes differ at {idx}: {h:?}");
+}
+
+async fn futures_hashes(c: &TestCluster) -> BTreeSet<(Option<u64>, Option<u64>)> {
+    let mut out = BTreeSet::new();
+    for i in c.live() {
+        let s = c.self_status(i, true).await;
+        out.insert((s.hash_index, s.state_hash));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t04_learner_serves_linearizable_reads() {
+    let _g = serial();
+    let mut c = TestCluster::start(3, &[]);
+    c.wait_for_leader(Duration::from_secs(20)).await;
+    let l = c.add_node();
+    let client = c.client();
+    let (id, peer, cl) = (
+        c.nodes[l].id,
+        c.nodes[l].peer.clone(),
+        c.nodes[l].client.clone(),
+    );
+    let r = client.add_learner(id, peer, cl).await.expect("add learner");
+    assert!(r.learners.contains(&id));
+    let learner = c.client_at(l);
+    let writer = c.client_at(0);
+    for i in 0..50 {
+        let v = format!("v{i}");
+        put(&writer, "lin/key", &v).await;
+        // Written through node 1, read immediately on the learner: must see it.
+        assert_eq!(get_value(&learner, "lin/key").await, Some(v.into_bytes()));
+    }
+    let s = c.self_status(l, false).await;
+    assert_eq!(s.role, "learner");
+    // Promote and remove work through any node.
+    let r = c.client_at(1).promote(id).await.expect("promote");
+    assert!(r.voters.contains(&id));
+    let r = c.client_at(2).remove(id).await.expect("remove");
+    assert!(!r.voters.contains(&id) && !r.learners.contains(&id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t05_retried_request_id_applies_once() {
+    let _g = serial();
+    let c = TestCluster::start(3, &[]);
+    c.wait_for_leader(Duration::from_secs(20)).await;
+    let req = pb::PutRequest {
+        key: b"idem".to_vec(),
+        value: b"first".to_vec(),
+        expected_revision: None,
+        request_id: "req-42".into(),
+    };
+    let first = c.client_at(0).put(req.clone()).await.expect("put");
+    put(&c.client(), "idem", "second").await;
+    // The retry arrives at another node, long after: same answer, nothing written.
+    let retry = c.client_at(2).put(req.clone()).await.expect("retry");
+    assert_eq!(first.revision, retry.revision);
+    assert_eq!(
+        get_value(&c.client(), "idem").await,
+        Some(b"second".to_vec())
+    );
+    // Compare-and-set with a retried id also answers once.
+    let cas = pb::PutRequest {
+        key: b"cas".to_vec(),
+        value: b"1".to_vec(),
+        expected_revision: Some(0),
+        request_id: "cas-1".into(),
+    };
+    let a = c.client_at(1).put(cas.clone()).await.expect("cas");
+    let b = c
+        .client_at(0)
+        .put(cas)
+        .await
+        .expect("cas retry is not a mismatch");
+    assert_eq!(a.revision, b.revision);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t06_session_and_stale_reads() {
+    let _g = serial();
+    let c = TestCluster::start(3, &[]);
+    c.wait_for_leader(Duration::from_secs(20)).await;
+    let rev = put(&c.client_at(0), "sess", "1").await;
+    for i in 0..3 {
+        let r = c
+            .client_at(i)
+            .get(pb::GetRequest {
+                key: b"sess".to_vec(),
+                read: Some(pb::ReadOptions {
+                    consistency: pb::Consistency::Session as i32,
+                    min_revision: rev,
+                    max_lag: 0,
+                }),
+            })
+            .await
+            .expect("session read");
+        assert!(r.applied_index >= rev);
+        assert_eq!(r.kv.expect("value").value, b"1");
+        let r = c
+            .client_at(i)
+            .get(pb::GetRequest {
+                key: b"sess".to_vec(),
+                read: Some(pb::ReadOptions {
+                    consistency: pb::Consistency::Stale as i32,
+                    min_revision: 0,
+                    max_lag: 0,
+                }),
+            })
+            .await
+            .expect("stale read");
+        assert!(r.applied_index > 0);
+    }
+    // A session revision far in the future times out cleanly.
+    let e = c
+        .client_at(0)
+        .get(pb::GetRequest {
+            key: b"sess".to_vec(),
+            read: Some(pb::ReadOptions {
+                consistency: pb::Consistency::Session as i32,
+                min_revision: rev + 1_000_000,
+                max_lag: 0,
+            }),
+        })
+        .await
+        .expect_err("future revision");
+    assert_eq!(e.code(), Some(Code::Unavailable));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t07_bad_input_on_every_rpc_is_a_clear_error() {
+    let _g = serial();
+    let c = TestCluster::start(3, &[]);
+    c.wait_for_leader(Duration::from_secs(20)).await;
+    let mut kv = c.client().kv_at(1);
+    let code = |r: Result<tonic::Response<_>, tonic::Status>| -> Code {
+        match r {
+            Ok(_) => Code::Ok,
+            Err(s) => {
+                assert!(
+                    s.message().starts_with("[MR-"),
+                    "status message carries a code: {}",
+                    s.message()
+                );
+                s.code()
+            }
+        }
+    };
+    assert_eq!(
+        code(
+            kv.put(pb::PutRequest {
+                key: vec![],
+                value: b"v".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(()))
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            kv.put(pb::PutRequest {
+                key: vec![b'k'; 5000],
+                value: b"v".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(()))
+        ),
+        Code::ResourceExhausted
+    );
+    assert_eq!(
+        code(
+            kv.put(pb::PutRequest {
+                key: b"k".to_vec(),
+                value: vec![0; (1 << 20) + 1],
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(()))
+        ),
+        Code::ResourceExhausted
+    );
+    assert_eq!(
+        code(
+            kv.put(pb::PutRequest {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                request_id: "x".repeat(300),
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(()))
+        ),
+        Code::InvalidArgument
+    );
+    let bad_read = Some(pb::ReadOptions {
+        consistency: 99,
+        min_revision: 0,
+        max_lag: 0,
+    });
+    assert_eq!(
+        code(
+            kv.get(pb::GetRequest {
+                key: b"k".to_vec(),
+                read: bad_read.clone()
+            })
+            .await
+            .map(|_| tonic::Response::new(()))
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            kv.get(pb::GetRequest {
+                key: vec![],
+                read: None
+            })
+            .await
+            .map(|_| tonic::Response::new(()))
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            kv.range(pb::RangeRequest {
+                limit: 1_000_000,
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(()))
+        ),
+        Code::ResourceExhausted
+    );
+    assert_eq!(
+        code(
+            kv.range(pb::RangeRequest {
+                read: bad_read,
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(()))
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            kv.delete(pb::DeleteRequest {
+                key: vec![],
+                ..Default::default()
+            })
+            .await
+            .map(|_| tonic::Response::new(()))
+        ),
+        Code::InvalidArgument
+    );
+    let no_target = pb::TxnRequest {
+        compares: vec![pb::Compare {
+            key: b"k".to_vec(),
+            target: None,
+        }],
+        ..Default::default()
+    };
+    assert_eq!(
+        code(kv.txn(no_target).await.map(|_| tonic::Response::new(()))),
+        Code::InvalidArgument
+    );
+    let empty_op = pb::TxnRequest {
+        success: vec![pb::TxnOp { op: None }],
+        ..Default::default()
+    };
+    assert_eq!(
+        code(kv.txn(empty_op).await.map(|_| tonic::Response::new(()))),
+        Code::InvalidArgument
+    );
+    let too_many = pb::TxnRequest {
+        success: (0..200)
+            .map(|i| pb::TxnOp {
+                op: Some(pb::txn_op::Op::Delete(pb::DeleteOp {
+                    key: format!("k{i}").into_bytes(),
+                })),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(kv.txn(too_many).await.map(|_| tonic::Response::new(()))),
+        Code::ResourceExhausted
+    );
+    // Compare-and-set mismatch.
+    let rev = put(&c.client(), "cas", "1").await;
+    let r = kv
+        .put(pb::PutRequest {
+            key: b"cas".to_vec(),
+            value: b"2".to_vec(),
+            expected_revision: Some(rev + 1),
+            ..Default::default()
+        })
+        .await;
+    let e = r.expect_err("mismatch");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains(&rev.to_string()), "{}", e.message());
+    // Cluster admin.
+    let mut cl = c.client().cluster_at(0);
+    assert_eq!(
+        code(
+            cl.add_learner(pb::AddLearnerRequest {
+                node_id: 0,
+                peer_addr: "127.0.0.1:1".into(),
+                client_addr: String::new()
+            })
+            .await
+            .map(|_| tonic::Response::new(()))
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            cl.add_learner(pb::AddLearnerRequest {
+                node_id: 9,
+                peer_addr: "not-an-address".into(),
+                client_addr: String::new()
+            })
+            .await
+            .map(|_| tonic::Response::new(()))
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            cl.promote(pb::NodeIdRequest { node_id: 0 })
+                .await
+                .map(|_| tonic::Response::new(()))
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            cl.transfer_leader(pb::NodeIdRequest { node_id: 77 })
+                .await
+                .map(|_| tonic::Response::new(()))
+        ),
+        Code::FailedPrecondition
+    );
+    // Nothing above was written.
+    assert_eq!(get_value(&c.client(), "k").await, None);
+    // The Txn happy path, atomically.
+    let ok = pb::TxnRequest {
+        compares: vec![pb::Compare {
+            key: b"cas".to_vec(),
+            target: Some(pb::compare::Target::ModRevision(rev)),
+        }],
+        success: vec![pb::TxnOp {
+            op: Some(pb::txn_op::Op::Put(pb::PutOp {
+                key: b"t1".to_vec(),
+                value: b"a".to_vec(),
+            })),
+        }],
+        failure: vec![],
+        request_id: String::new(),
+    };
+    assert!(c.client().txn(ok).await.expect("txn").succeeded);
+    assert_eq!(get_value(&c.client(), "t1").await, Some(b"a".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t08_cli_status_json_ops_port_and_bad_cli_input() {
+    let _g = serial();
+    let c = TestCluster::start(3, &[]);
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    let bin = env!("CARGO_BIN_EXE_metaraft");
+    let eps = c.endpoints().join(",");
+    let out = std::process::Command::new(bin)
+        .args(["kv", "put", "cli-key", "cli-value", "--endpoints", &eps])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(bin)
+        .args(["kv", "get", "cli-key", "--endpoints", &eps])
+        .output()
+        .expect("run");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "cli-value");
+    let out = std::process::Command::new(bin)
+        .args([
+            "cluster",
+            "status",
+            "--output",
+            "json",
+            "--hash",
+            "--endpoints",
+            &eps,
+        ])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["leader"].as_u64(), Some(c.nodes[leader].id));
+    assert_eq!(v["members"].as_array().map(|a| a.len()), Some(3));
+    // Missing key: exit code 2, message on stderr.
+    let out = std::process::Command::new(bin)
+        .args(["kv", "get", "nope", "--endpoints", &eps])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    // Bad CLI input: clear errors, non-zero exit.
+    let out = std::process::Command::new(bin)
+        .args([
+            "kv",
+            "get",
+            "k",
+            "--endpoints",
+            "127.0.0.1:1",
+            "--timeout-ms",
+            "1000",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let out = std::process::Command::new(bin)
+        .args(["serve", "--node-id", "0"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("node_id"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = c.dir.path().join("bad.toml");
+    std::fs::write(&bad, "node_id = 1\nclient_adr = \"x\"\n").expect("write");
+    let out = std::process::Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("client_adr"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(bin)
+        .args(["serve", "--node-id", "1", "--initial-members", "1=oops"])
+        .output()
+        .expect("run");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("initial_members"));
+    // Ops port.
+    let body = http_get(&c.nodes[leader].ops, "/metrics").await;
+    assert!(
+        body.contains("metaraft_log_fsync_seconds_count") && body.contains("metaraft_term"),
+        "{body}"
+    );
+    assert!(http_get(&c.nodes[0].ops, "/readyz")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert!(http_get(&c.nodes[0].ops, "/healthz")
+        .await
+        .starts_with("HTTP/1.1 200"));
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect ops");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
