@@ -204,6 +204,8 @@ fn init_tracing(filter: &str) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(f)
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     Ok(())
 }

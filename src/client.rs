@@ -18,7 +18,13 @@ pub enum ClientError {
     #[error("bad endpoint {0:?}: {1}")]
     BadEndpoint(String, String),
     #[error("{0}")]
-    Status(#[from] Status),
+    Status(Box<Status>),
+}
+
+impl From<Status> for ClientError {
+    fn from(s: Status) -> Self {
+        ClientError::Status(Box::new(s))
+    }
 }
 
 impl ClientError {

@@ -35,6 +35,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Members that form the cluster on first start: node id -> peer address. Every initial member
     /// must be given the same map. Empty: the node waits to be added as a learner.
+    #[serde(with = "member_map")]
     pub initial_members: BTreeMap<u64, String>,
     pub raft: RaftConfig,
     pub limits: Limits,
@@ -123,6 +124,28 @@ impl Default for Limits {
             read_wait_ms: 5000,
             write_timeout_ms: 10_000,
         }
+    }
+}
+
+/// TOML table keys are strings: `[initial_members]` `1 = "host:port"`.
+mod member_map {
+    use std::collections::BTreeMap;
+
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<u64, String>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(m.iter().map(|(k, v)| (k.to_string(), v)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, String>, D::Error> {
+        let raw = BTreeMap::<String, String>::deserialize(d)?;
+        raw.into_iter()
+            .map(|(k, v)| {
+                k.parse::<u64>().map(|id| (id, v)).map_err(|_| {
+                    D::Error::custom(format!("initial_members: {k:?} is not a node id"))
+                })
+            })
+            .collect()
     }
 }
 
@@ -337,6 +360,13 @@ mod tests {
             .expect_err("bad")
             .to_string()
             .contains("does not include"));
+    }
+
+    #[test]
+    fn member_table_rejects_non_numeric_ids() {
+        let e = Config::from_toml("node_id = 1\n[initial_members]\nx = \"127.0.0.1:1\"\n")
+            .expect_err("bad id");
+        assert!(e.contains("not a node id"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,8 @@ fn bad(what: &str, e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("cannot decode {what}: {e}"))
 }
 
+// tonic's handlers return `Status` by value; boxing here would only be unboxed again.
+#[allow(clippy::result_large_err)]
 fn blob<T: serde::Serialize>(v: &T) -> Result<Response<Blob>, Status> {
     encode(v)
         .map(|data| Response::new(Blob { data }))

@@ -2,8 +2,10 @@
 
 use std::sync::Arc;
 
+use openraft::storage::RaftLogStorageExt;
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::TypeConfigExt;
 use openraft::RaftSnapshotBuilder;
 
 use super::*;
@@ -18,14 +20,11 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), openraft::StorageError<TypeConfig>>
     {
         let dir = tempfile::tempdir()
-            .map_err(|e| openraft::StorageError::read(openraft::AnyError::new(&e).into()))?;
-        let log =
-            LogStore::open(&dir.path().join("log"), Arc::new(Metrics::default())).map_err(|e| {
-                openraft::StorageError::read(openraft::AnyError::error(e.to_string()).into())
-            })?;
-        let sm = StateMachineStore::open(dir.path(), 1000).map_err(|e| {
-            openraft::StorageError::read(openraft::AnyError::error(e.to_string()).into())
-        })?;
+            .map_err(|e| openraft::StorageError::read(TypeConfig::err_from_string(e)))?;
+        let log = LogStore::open(&dir.path().join("log"), Arc::new(Metrics::default()))
+            .map_err(|e| openraft::StorageError::read(TypeConfig::err_from_string(e)))?;
+        let sm = StateMachineStore::open(dir.path(), 1000)
+            .map_err(|e| openraft::StorageError::read(TypeConfig::err_from_string(e)))?;
         Ok((dir, log, sm))
     }
 }
@@ -40,7 +39,10 @@ async fn openraft_storage_conformance_suite() {
 fn entry(index: u64, key: &str, value: &str) -> crate::raft_types::Entry {
     openraft::Entry {
         log_id: openraft::LogId::new(
-            openraft::impls::leader_id_adv::CommittedLeaderId::new(1, 1),
+            openraft::impls::leader_id_adv::LeaderId {
+                term: 1,
+                node_id: 1,
+            },
             index,
         ),
         payload: openraft::EntryPayload::Normal(crate::fsm::Request::new(
@@ -141,14 +143,9 @@ async fn log_survives_reopen_and_truncates() {
     let m = Arc::new(Metrics::default());
     {
         let mut log = LogStore::open(&a.path().join("log"), m.clone()).expect("open");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        log.append(
-            (1..=10).map(|i| entry(i, "k", "v")),
-            openraft::storage::IOFlushed::signal(tx),
-        )
-        .await
-        .expect("append");
-        rx.await.expect("flushed").expect("ok");
+        log.blocking_append((1..=10).map(|i| entry(i, "k", "v")))
+            .await
+            .expect("append and flush");
         log.truncate_after(Some(entry(7, "", "").log_id))
             .await
             .expect("truncate");
