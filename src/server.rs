@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::api::Api;
 use crate::config::Config;
@@ -53,6 +53,17 @@ async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
         })
 }
 
+/// Accepted gRPC connections with TCP_NODELAY: without it a response written as two frames waits
+/// for the peer's delayed ACK (~40 ms). The builder's `tcp_nodelay` only applies when tonic binds.
+fn incoming(l: TcpListener, addr: &str) -> Result<TcpIncoming, ServerError> {
+    TcpIncoming::from_listener(l, true, Some(std::time::Duration::from_secs(30))).map_err(|e| {
+        ServerError::Listen {
+            addr: addr.to_string(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    })
+}
+
 impl Server {
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
@@ -62,8 +73,8 @@ impl Server {
             source,
         })?;
         // Bind first: a port clash is reported before anything is touched.
-        let peer_l = bind(&config.peer_addr).await?;
-        let client_l = bind(&config.client_addr).await?;
+        let peer_l = incoming(bind(&config.peer_addr).await?, &config.peer_addr)?;
+        let client_l = incoming(bind(&config.client_addr).await?, &config.client_addr)?;
         let ops_l = if config.ops_addr.is_empty() {
             None
         } else {
@@ -103,7 +114,7 @@ impl Server {
             let r = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(peer_svc)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(peer_l), async move {
+                .serve_with_incoming_shutdown(peer_l, async move {
                     let _ = rx.changed().await;
                 })
                 .await;
@@ -122,7 +133,7 @@ impl Server {
                 .tcp_nodelay(true)
                 .add_service(kv)
                 .add_service(cluster)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(client_l), async move {
+                .serve_with_incoming_shutdown(client_l, async move {
                     let _ = rx.changed().await;
                 })
                 .await;
