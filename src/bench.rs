@@ -48,6 +48,78 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// What to drive: metaraft, or an etcd v3 cluster at --endpoints (same load shape).
+    #[arg(long, value_enum, default_value = "metaraft")]
+    pub target: Target,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq)]
+pub enum Target {
+    Metaraft,
+    Etcd,
+}
+
+/// One connection's worth of client for either system.
+#[derive(Clone)]
+enum Conn {
+    Metaraft(metaraft::pb::kv_client::KvClient<tonic::transport::Channel>),
+    Etcd(etcd_client::KvClient),
+}
+
+impl Conn {
+    async fn connect(target: Target, endpoint: &str) -> Result<Conn> {
+        Ok(match target {
+            Target::Metaraft => Conn::Metaraft(
+                Client::new(&[endpoint.to_string()], Duration::from_secs(10))?.kv_at(0),
+            ),
+            Target::Etcd => Conn::Etcd(
+                etcd_client::Client::connect([endpoint], None)
+                    .await?
+                    .kv_client(),
+            ),
+        })
+    }
+
+    async fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
+        match self {
+            Conn::Metaraft(c) => {
+                let request_id = metaraft::client::new_request_id();
+                c.put(pb::PutRequest {
+                    key,
+                    value,
+                    expected_revision: None,
+                    request_id,
+                })
+                .await?;
+            }
+            Conn::Etcd(c) => {
+                c.put(key, value, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&mut self, key: Vec<u8>, consistency: ConsistencyArg) -> Result<()> {
+        match self {
+            Conn::Metaraft(c) => {
+                let read = Some(pb::ReadOptions {
+                    consistency: consistency.to_pb() as i32,
+                    min_revision: 0,
+                    max_lag: 0,
+                });
+                c.get(pb::GetRequest { key, read }).await?;
+            }
+            Conn::Etcd(c) => {
+                // etcd has linearizable and serializable (local) reads; session maps to serializable.
+                let opts = match consistency {
+                    ConsistencyArg::Linearizable => None,
+                    _ => Some(etcd_client::GetOptions::new().with_serializable()),
+                };
+                c.get(key, opts).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 struct Stats {
@@ -63,31 +135,29 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
     if !(0.0..=1.0).contains(&a.read_ratio) {
         bail!("--read-ratio must be between 0 and 1");
     }
-    // One client per endpoint: workers are spread evenly so reads hit every node.
-    let clients: Vec<Arc<Client>> = a
-        .endpoints
-        .iter()
-        .map(|e| Client::new(std::slice::from_ref(e), Duration::from_secs(10)).map(Arc::new))
-        .collect::<Result<_, _>>()?;
+    // One connection per endpoint: workers are spread evenly so reads hit every node.
+    let mut conns = Vec::new();
+    for e in &a.endpoints {
+        conns.push(Conn::connect(a.target, e).await?);
+    }
     let value = vec![b'x'; a.value_size];
     if a.preload {
-        let c = Arc::new(Client::new(&a.endpoints, Duration::from_secs(10))?);
         let mut set = tokio::task::JoinSet::new();
         let next = Arc::new(AtomicU64::new(0));
-        for _ in 0..a.concurrency.min(64) {
-            let (c, next, value, keys) = (c.clone(), next.clone(), value.clone(), a.keys);
+        for w in 0..a.concurrency.min(64) {
+            let (mut c, next, value, keys) = (
+                conns[w % conns.len()].clone(),
+                next.clone(),
+                value.clone(),
+                a.keys,
+            );
             set.spawn(async move {
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     if k >= keys {
                         return Ok::<_, anyhow::Error>(());
                     }
-                    c.put(pb::PutRequest {
-                        key: key(k),
-                        value: value.clone(),
-                        ..Default::default()
-                    })
-                    .await?;
+                    c.put(key(k), value.clone()).await?;
                 }
             });
         }
@@ -99,7 +169,7 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
     let mut set = tokio::task::JoinSet::new();
     let start = Instant::now();
     for w in 0..a.concurrency {
-        let c = clients[w % clients.len()].clone();
+        let mut kv = conns[w % conns.len()].clone();
         let (stop, value, a) = (stop.clone(), value.clone(), a.clone());
         set.spawn(async move {
             let mut st = Stats {
@@ -108,27 +178,13 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
                 errors: 0,
             };
             let mut rng = rand::rngs::StdRng::from_entropy();
-            let mut kv = c.kv_at(0);
             while !stop.load(Ordering::Relaxed) {
                 let k = key(rng.gen_range(0..a.keys));
                 let t = Instant::now();
                 let r = if rng.gen_bool(a.read_ratio) {
-                    let read = Some(pb::ReadOptions {
-                        consistency: a.consistency.to_pb() as i32,
-                        min_revision: 0,
-                        max_lag: 0,
-                    });
-                    kv.get(pb::GetRequest { key: k, read }).await.map(|_| ())
+                    kv.get(k, a.consistency).await
                 } else {
-                    let request_id = metaraft::client::new_request_id();
-                    kv.put(pb::PutRequest {
-                        key: k,
-                        value: value.clone(),
-                        expected_revision: None,
-                        request_id,
-                    })
-                    .await
-                    .map(|_| ())
+                    kv.put(k, value.clone()).await
                 };
                 match r {
                     Ok(()) => {
@@ -164,7 +220,7 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
         println!(
             "{}",
             serde_json::json!({
-                "target": "metaraft", "concurrency": a.concurrency, "keys": a.keys, "value_size": a.value_size,
+                "target": format!("{:?}", a.target).to_lowercase(), "concurrency": a.concurrency, "keys": a.keys, "value_size": a.value_size,
                 "read_ratio": a.read_ratio, "consistency": format!("{:?}", a.consistency).to_lowercase(),
                 "seconds": secs, "ok": total.ok, "errors": total.errors, "ops_per_sec": tput,
                 "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": total.hist.max() as f64 / 1000.0,
@@ -172,8 +228,8 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
         );
     } else {
         println!(
-            "metaraft: {:.0} ops/s  ok {}  errors {}  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  ({} in flight, {:.0}% reads, {}-byte values, {:.1}s)",
-            tput, total.ok, total.errors, ms(0.5), ms(0.99), ms(0.999), a.concurrency, a.read_ratio * 100.0, a.value_size, secs
+            "{}: {:.0} ops/s  ok {}  errors {}  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  ({} in flight, {:.0}% reads, {}-byte values, {:.1}s)",
+            format!("{:?}", a.target).to_lowercase(), tput, total.ok, total.errors, ms(0.5), ms(0.99), ms(0.999), a.concurrency, a.read_ratio * 100.0, a.value_size, secs
         );
     }
     Ok(std::process::ExitCode::SUCCESS)

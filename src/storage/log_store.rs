@@ -18,7 +18,13 @@ use crate::raft_types::{Entry, LogId, TypeConfig, Vote};
 
 struct Inner {
     db: DB,
-    flush_tx: std::sync::Mutex<mpsc::Sender<IOFlushed<TypeConfig>>>,
+    /// The persisted vote, cached: openraft reads it twice per replication batch.
+    vote: std::sync::Mutex<Option<Vote>>,
+    flush_tx: std::sync::Mutex<mpsc::Sender<FlushMsg>>,
+    /// Latest committed id handed to `save_committed` in this process (outer None: none yet);
+    /// the flusher writes it once per round when `committed_dirty` is set.
+    committed: std::sync::Mutex<Option<Option<LogId>>>,
+    committed_dirty: std::sync::atomic::AtomicBool,
 }
 
 /// Cheap to clone: the log reader is a clone of the store.
@@ -34,9 +40,19 @@ impl LogStore {
         // Big write buffer: the log is written sequentially and purged from the front.
         opts.set_write_buffer_size(64 << 20);
         let db = DB::open(&opts, path).map_err(StorageError::rocks("open log"))?;
-        let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
+        let vote: Option<Vote> = match db
+            .get(keys::LOG_VOTE)
+            .map_err(StorageError::rocks("get vote"))?
+        {
+            None => None,
+            Some(b) => Some(dec("vote", &b)?),
+        };
+        let (tx, rx) = mpsc::channel::<FlushMsg>();
         let inner = Arc::new(Inner {
             db,
+            vote: std::sync::Mutex::new(vote),
+            committed: std::sync::Mutex::new(None),
+            committed_dirty: std::sync::atomic::AtomicBool::new(false),
             flush_tx: std::sync::Mutex::new(tx),
         });
         let weak = Arc::downgrade(&inner);
@@ -103,18 +119,49 @@ impl LogStore {
     }
 }
 
-/// Group commit: one WAL fsync covers every append queued while the previous one ran.
-fn flusher(
-    inner: std::sync::Weak<Inner>,
-    rx: mpsc::Receiver<IOFlushed<TypeConfig>>,
-    metrics: Arc<Metrics>,
-) {
+enum FlushMsg {
+    /// Entries were written: complete this callback after the next WAL fsync.
+    Appended(IOFlushed<TypeConfig>),
+    /// A new committed id is waiting in `Inner::committed`.
+    Committed,
+}
+
+/// Group commit: one WAL fsync covers every append queued while the previous one ran. The
+/// committed id is written here too, once per round instead of once per commit.
+fn flusher(inner: std::sync::Weak<Inner>, rx: mpsc::Receiver<FlushMsg>, metrics: Arc<Metrics>) {
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+        let mut batch = Vec::new();
+        let mut msgs = vec![first];
         while let Ok(more) = rx.try_recv() {
-            batch.push(more);
+            msgs.push(more);
+        }
+        for m in msgs {
+            if let FlushMsg::Appended(cb) = m {
+                batch.push(cb);
+            }
         }
         let Some(inner) = inner.upgrade() else { return };
+        let committed = if inner
+            .committed_dirty
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            inner.committed.lock().ok().and_then(|c| *c)
+        } else {
+            None
+        };
+        if let Some(c) = committed {
+            match enc("committed", &c) {
+                Ok(b) => {
+                    if let Err(e) = inner.db.put(keys::LOG_COMMITTED, b) {
+                        tracing::warn!(error = %e, "cannot save committed index");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot encode committed index"),
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
         let t = Instant::now();
         let res = inner.db.flush_wal(true);
         metrics.observe_fsync(t.elapsed(), batch.len());
@@ -150,7 +197,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, std::io::Error> {
-        Ok(self.get_meta(keys::LOG_VOTE, "vote")?)
+        let v = self
+            .inner
+            .vote
+            .lock()
+            .map_err(|_| std::io::Error::other("vote lock poisoned"))?;
+        Ok(*v)
     }
 }
 
@@ -174,23 +226,53 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         let b = enc("vote", vote)?;
+        // Hold the cache lock across the write: readers never see a vote that is not yet durable.
+        let mut cached = self
+            .inner
+            .vote
+            .lock()
+            .map_err(|_| std::io::Error::other("vote lock poisoned"))?;
         self.db()
             .put_opt(keys::LOG_VOTE, b, &wo)
             .map_err(StorageError::rocks("save vote"))?;
+        *cached = Some(*vote);
         Ok(())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), std::io::Error> {
-        // Not synced on its own: it rides on the next WAL fsync. Losing it only makes a restarted
-        // node re-learn the commit index from the leader.
-        let b = enc("committed", &committed)?;
-        self.db()
-            .put(keys::LOG_COMMITTED, b)
-            .map_err(StorageError::rocks("save committed"))?;
+        // Written by the flusher, once per group-commit round, and never synced on its own: it
+        // rides on the next WAL fsync. Losing it only makes a restarted node re-learn the commit
+        // index from the leader (any older committed id is still a correct one).
+        {
+            let mut c = self
+                .inner
+                .committed
+                .lock()
+                .map_err(|_| std::io::Error::other("committed lock poisoned"))?;
+            *c = Some(committed);
+        }
+        self.inner
+            .committed_dirty
+            .store(true, std::sync::atomic::Ordering::Release);
+        let tx = self
+            .inner
+            .flush_tx
+            .lock()
+            .map_err(|_| std::io::Error::other("flusher lock poisoned"))?;
+        tx.send(FlushMsg::Committed)
+            .map_err(|_| std::io::Error::other("log flusher stopped"))?;
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, std::io::Error> {
+        if let Some(c) = *self
+            .inner
+            .committed
+            .lock()
+            .map_err(|_| std::io::Error::other("committed lock poisoned"))?
+        {
+            return Ok(c);
+        }
         let c: Option<Option<LogId>> = self.get_meta(keys::LOG_COMMITTED, "committed")?;
         Ok(c.flatten())
     }
@@ -216,7 +298,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .flush_tx
             .lock()
             .map_err(|_| std::io::Error::other("flusher lock poisoned"))?;
-        tx.send(callback)
+        tx.send(FlushMsg::Appended(callback))
             .map_err(|_| std::io::Error::other("log flusher stopped"))?;
         Ok(())
     }

@@ -154,3 +154,32 @@ async fn log_survives_reopen_and_truncates() {
     let st = log.get_log_state().await.expect("state");
     assert_eq!(st.last_log_id.map(|l| l.index), Some(7));
 }
+
+fn entry_with_id(index: u64, key: &str, id: &str) -> crate::raft_types::Entry {
+    let mut e = entry(index, key, "v");
+    if let openraft::EntryPayload::Normal(r) = &mut e.payload {
+        r.request_id = id.to_string();
+    }
+    e
+}
+
+#[tokio::test]
+async fn batch_boundaries_do_not_change_state() {
+    // Request ids expire after 10 entries, so expiry runs inside batches too.
+    let entries: Vec<_> = (1..=300)
+        .map(|i| entry_with_id(i, &format!("k{}", i % 7), &format!("id{}", i % 50)))
+        .collect();
+    let a = tempfile::tempdir().expect("tmp");
+    let b = tempfile::tempdir().expect("tmp");
+    let mut one_batch = StateMachineStore::open(a.path(), 10).expect("open");
+    let mut one_by_one = StateMachineStore::open(b.path(), 10).expect("open");
+    apply(&mut one_batch, entries.clone()).await;
+    for e in entries {
+        apply(&mut one_by_one, vec![e]).await;
+    }
+    assert_eq!(
+        one_batch.state_hash().expect("hash"),
+        one_by_one.state_hash().expect("hash")
+    );
+    assert_eq!(one_batch.applied_index(), 300);
+}

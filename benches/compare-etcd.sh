@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Runs 3-node metaraft and 3-node etcd on loopback (fsync on for both), one after the other with
+# the same load from `metaraft bench`, and prints the ratios.
+#
+#   benches/compare-etcd.sh [seconds-per-run]     (default 10)
+#
+# Installs Debian's etcd-server when missing. Data lives in a temporary directory on the same disk
+# for both systems and is removed at exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+DUR="${1:-10}"
+command -v etcd >/dev/null 2>&1 || {
+    echo "installing etcd-server" >&2
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
+}
+cargo build --release --bin metaraft >&2
+M="$CARGO_TARGET_DIR/release/metaraft"
+WORK="$(mktemp -d /var/tmp/metaraft-vs-etcd.XXXXXX)"
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+MR_EPS="127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003"
+ETCD_EPS="127.0.0.1:12379,127.0.0.1:22379,127.0.0.1:32379"
+
+start_metaraft() {
+    local members="1=127.0.0.1:17101,2=127.0.0.1:17102,3=127.0.0.1:17103"
+    for i in 1 2 3; do
+        "$M" serve --node-id $i --client-addr 127.0.0.1:1700$i --peer-addr 127.0.0.1:1710$i \
+            --ops-addr 127.0.0.1:1720$i --data-dir "$WORK/mr$i" --initial-members "$members" \
+            --log warn 2>"$WORK/mr$i.log" &
+        PIDS+=($!)
+    done
+    for _ in $(seq 1 100); do
+        "$M" cluster status --endpoints "$MR_EPS" --output json 2>/dev/null | grep -q '"leader": [0-9]' && return 0
+        sleep 0.2
+    done
+    echo "metaraft did not elect a leader" >&2; exit 1
+}
+
+start_etcd() {
+    local cluster="e1=http://127.0.0.1:12380,e2=http://127.0.0.1:22380,e3=http://127.0.0.1:32380"
+    for i in 1 2 3; do
+        etcd --name e$i --data-dir "$WORK/etcd$i" \
+            --listen-client-urls http://127.0.0.1:${i}2379 --advertise-client-urls http://127.0.0.1:${i}2379 \
+            --listen-peer-urls http://127.0.0.1:${i}2380 --initial-advertise-peer-urls http://127.0.0.1:${i}2380 \
+            --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token bench \
+            --log-level error >"$WORK/etcd$i.log" 2>&1 &
+        PIDS+=($!)
+    done
+    for _ in $(seq 1 100); do
+        ETCDCTL_API=3 etcdctl --endpoints "$ETCD_EPS" endpoint health >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    echo "etcd did not become healthy" >&2; exit 1
+}
+
+stop_all() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; PIDS=(); sleep 1; }
+
+# name | bench flags
+LOADS=(
+    "write-64|--concurrency 64 --read-ratio 0"
+    "write-1|--concurrency 1 --read-ratio 0"
+    "linread-64|--concurrency 64 --read-ratio 1 --preload --keys 10000"
+)
+
+run_loads() { # target eps
+    for l in "${LOADS[@]}"; do
+        local name="${l%%|*}" flags="${l#*|}"
+        # shellcheck disable=SC2086
+        "$M" bench --target "$1" --endpoints "$2" --duration "$DUR" --value-size 256 $flags --json \
+            | sed "s/^{/{\"load\":\"$name\",/" >>"$WORK/results.jsonl"
+        tail -1 "$WORK/results.jsonl" >&2
+    done
+}
+
+echo "== metaraft (3 nodes, loopback, fsync on)" >&2
+start_metaraft; run_loads metaraft "$MR_EPS"; stop_all
+echo "== etcd $(etcd --version | head -1 | awk '{print $3}') (3 members, loopback, fsync on)" >&2
+start_etcd; run_loads etcd "$ETCD_EPS"; stop_all
+
+python3 - "$WORK/results.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {(r["target"], r["load"]): r for r in rows}
+print(f"{'load':<12} {'metaraft ops/s':>15} {'etcd ops/s':>12} {'ratio':>7} {'mr p99 ms':>10} {'etcd p99 ms':>12}")
+for load in dict.fromkeys(r["load"] for r in rows):
+    m, e = by.get(("metaraft", load)), by.get(("etcd", load))
+    if not m or not e:
+        continue
+    ratio = m["ops_per_sec"] / e["ops_per_sec"] if e["ops_per_sec"] else float("inf")
+    print(f"{load:<12} {m['ops_per_sec']:>15.0f} {e['ops_per_sec']:>12.0f} {ratio:>6.2f}x {m['p99_ms']:>10.2f} {e['p99_ms']:>12.2f}")
+PY
