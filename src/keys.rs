@@ -10,7 +10,10 @@
 //! - `d` + user key                    -> bincode `fsm::ValueRecord`
 //! - `m` + name                        -> metadata (`last_applied`, `membership`)
 //! - `r` + request id                  -> bincode `fsm::DedupRecord` (response of a request id)
-//! - `q` + index (u64 BE) + request id -> empty; expiry queue of request ids by the index they were applied at
+//! - `q` + index (u64 BE)             -> request id applied at that index (the expiry queue)
+//!
+//! At most one request id per log index, so expiring one is a point lookup, never an iterator
+//! scan over the tombstones of earlier expiries (which grew without bound).
 //!
 //! Big-endian indexes keep RocksDB's byte order equal to numeric order.
 
@@ -64,23 +67,11 @@ pub fn dedup(request_id: &str) -> Vec<u8> {
     k
 }
 
-pub fn dedup_queue(index: u64, request_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9 + request_id.len());
-    k.push(SM_DEDUP_QUEUE);
-    k.extend_from_slice(&index.to_be_bytes());
-    k.extend_from_slice(request_id.as_bytes());
+pub fn dedup_queue(index: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = SM_DEDUP_QUEUE;
+    k[1..].copy_from_slice(&index.to_be_bytes());
     k
-}
-
-/// Splits a dedup-queue key into (index, request id).
-pub fn parse_dedup_queue(key: &[u8]) -> Option<(u64, &str)> {
-    if key.len() < 9 || key[0] != SM_DEDUP_QUEUE {
-        return None;
-    }
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&key[1..9]);
-    let id = std::str::from_utf8(&key[9..]).ok()?;
-    Some((u64::from_be_bytes(b), id))
 }
 
 /// The smallest key greater than every key that starts with `prefix` (None when there is none).
@@ -107,10 +98,9 @@ mod tests {
     }
 
     #[test]
-    fn dedup_queue_roundtrip() {
-        let k = dedup_queue(7, "abc");
-        assert_eq!(parse_dedup_queue(&k), Some((7, "abc")));
-        assert!(dedup_queue(7, "zzz") < dedup_queue(8, "aaa"));
+    fn dedup_queue_sorts_by_index() {
+        assert!(dedup_queue(255) < dedup_queue(256));
+        assert_eq!(dedup_queue(1)[0], SM_DEDUP_QUEUE);
     }
 
     #[test]

@@ -159,8 +159,6 @@ pub enum FsmError {
 /// Read access to the current state, as of the last applied entry.
 pub trait StateRead {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError>;
-    /// Dedup-queue keys with index < `below`, in order (at most `limit`).
-    fn expired_dedup(&self, below: u64, limit: usize) -> Result<Vec<Vec<u8>>, FsmError>;
 }
 
 fn get_value(state: &dyn StateRead, user_key: &[u8]) -> Result<Option<ValueRecord>, FsmError> {
@@ -180,24 +178,39 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, FsmError> {
     crate::raft_types::encode(v).map_err(|e| FsmError::Encode(e.to_string()))
 }
 
+/// Forgets the request id (if any) applied `dedup_window` entries before `index`. Called for
+/// every log entry, whatever its payload, so each id is forgotten exactly once on every replica.
+pub fn expire(
+    state: &dyn StateRead,
+    index: u64,
+    dedup_window: u64,
+) -> Result<Vec<Mutation>, FsmError> {
+    if index <= dedup_window {
+        return Ok(Vec::new());
+    }
+    let qk = keys::dedup_queue(index - dedup_window);
+    let Some(id) = state.get_raw(&qk)? else {
+        return Ok(Vec::new());
+    };
+    let id = String::from_utf8(id).map_err(|e| FsmError::Corrupt {
+        key: qk.to_vec(),
+        reason: e.to_string(),
+    })?;
+    Ok(vec![
+        Mutation::Delete(keys::dedup(&id)),
+        Mutation::Delete(qk.to_vec()),
+    ])
+}
+
 /// Applies a client request at `index`. Returns the mutations (to write atomically with
-/// `last_applied = index`) and the response.
+/// `last_applied = index`) and the response. The caller runs [`expire`] first, for every
+/// entry.
 pub fn apply(
     state: &dyn StateRead,
     index: u64,
     req: &Request,
-    dedup_window: u64,
 ) -> Result<(Vec<Mutation>, Response), FsmError> {
     let mut muts = Vec::new();
-    // Expire request ids that left the window (deterministic: by index, bounded work per entry).
-    if index > dedup_window {
-        for qk in state.expired_dedup(index - dedup_window, 16)? {
-            if let Some((_, id)) = keys::parse_dedup_queue(&qk) {
-                muts.push(Mutation::Delete(keys::dedup(id)));
-            }
-            muts.push(Mutation::Delete(qk));
-        }
-    }
 
     if req.format_version > COMMAND_FORMAT_VERSION {
         return Ok((
@@ -231,8 +244,8 @@ pub fn apply(
         };
         muts.push(Mutation::Put(keys::dedup(&req.request_id), encode(&rec)?));
         muts.push(Mutation::Put(
-            keys::dedup_queue(index, &req.request_id),
-            Vec::new(),
+            keys::dedup_queue(index).to_vec(),
+            req.request_id.as_bytes().to_vec(),
         ));
     }
     Ok((muts, resp))

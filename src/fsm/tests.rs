@@ -14,19 +14,17 @@ impl StateRead for MemState {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError> {
         Ok(self.0.get(key).cloned())
     }
-    fn expired_dedup(&self, below: u64, limit: usize) -> Result<Vec<Vec<u8>>, FsmError> {
-        Ok(self
-            .0
-            .range(vec![keys::SM_DEDUP_QUEUE]..keys::dedup_queue(below, ""))
-            .take(limit)
-            .map(|(k, _)| k.clone())
-            .collect())
-    }
 }
 
 impl MemState {
     fn run(&mut self, index: u64, req: &Request, window: u64) -> Response {
-        let (muts, resp) = apply(self, index, req, window).expect("apply");
+        let mut muts = expire(self, index, window).expect("expire");
+        self.write(muts.drain(..));
+        let (muts, resp) = apply(self, index, req).expect("apply");
+        self.write(muts.into_iter());
+        resp
+    }
+    fn write(&mut self, muts: impl Iterator<Item = Mutation>) {
         for m in muts {
             match m {
                 Mutation::Put(k, v) => {
@@ -37,7 +35,6 @@ impl MemState {
                 }
             }
         }
-        resp
     }
     fn value(&self, key: &[u8]) -> Option<ValueRecord> {
         self.0
@@ -194,7 +191,7 @@ fn newer_format_is_refused_not_applied() {
 fn corrupt_record_is_an_error_not_a_panic() {
     let mut s = MemState::default();
     s.0.insert(keys::data(b"a"), vec![0xff, 0xff, 0xff]);
-    let r = apply(&s, 1, &Request::new("", put("a", "1", None)), 100);
+    let r = apply(&s, 1, &Request::new("", put("a", "1", None)));
     assert!(matches!(r, Err(FsmError::Corrupt { .. })));
 }
 

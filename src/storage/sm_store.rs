@@ -264,6 +264,8 @@ impl StateMachineStore {
         entry: &crate::raft_types::Entry,
     ) -> Result<Response, StorageError> {
         let index = entry.log_id.index;
+        let expired = fsm::expire(&DbState { db, overlay }, index, self.shared.dedup_window)?;
+        Self::stage(overlay, batch, expired);
         let resp = match &entry.payload {
             EntryPayload::Blank => Response::None { revision: index },
             EntryPayload::Normal(req) => {
@@ -274,24 +276,8 @@ impl StateMachineStore {
                         supported: fsm::COMMAND_FORMAT_VERSION,
                     });
                 }
-                let (muts, resp) = fsm::apply(
-                    &DbState { db, overlay },
-                    index,
-                    req,
-                    self.shared.dedup_window,
-                )?;
-                for m in muts {
-                    match m {
-                        Mutation::Put(k, v) => {
-                            batch.put(&k, &v);
-                            overlay.insert(k, Some(v));
-                        }
-                        Mutation::Delete(k) => {
-                            batch.delete(&k);
-                            overlay.insert(k, None);
-                        }
-                    }
-                }
+                let (muts, resp) = fsm::apply(&DbState { db, overlay }, index, req)?;
+                Self::stage(overlay, batch, muts);
                 resp
             }
             EntryPayload::Membership(m) => {
@@ -301,6 +287,26 @@ impl StateMachineStore {
             }
         };
         Ok(resp)
+    }
+
+    /// Adds mutations to the batch and to the overlay later entries of the batch read.
+    fn stage(
+        overlay: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+        batch: &mut WriteBatch,
+        muts: Vec<Mutation>,
+    ) {
+        for m in muts {
+            match m {
+                Mutation::Put(k, v) => {
+                    batch.put(&k, &v);
+                    overlay.insert(k, Some(v));
+                }
+                Mutation::Delete(k) => {
+                    batch.delete(&k);
+                    overlay.insert(k, None);
+                }
+            }
+        }
     }
 
     /// Writes the pending batch, then answers its clients and publishes the applied index.
@@ -483,34 +489,6 @@ impl StateRead for DbState<'_> {
             return Ok(v.clone());
         }
         self.db.get(key).map_err(|e| FsmError::Read(e.to_string()))
-    }
-    fn expired_dedup(&self, below: u64, limit: usize) -> Result<Vec<Vec<u8>>, FsmError> {
-        let upper = keys::dedup_queue(below, "");
-        let start = vec![keys::SM_DEDUP_QUEUE];
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(upper.clone());
-        let mut out = Vec::new();
-        for r in self
-            .db
-            .iterator_opt(IteratorMode::From(&start, Direction::Forward), ro)
-        {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, _) = r.map_err(|e| FsmError::Read(e.to_string()))?;
-            if matches!(self.overlay.get(k.as_ref()), Some(None)) {
-                continue; // deleted earlier in this batch
-            }
-            out.push(k.to_vec());
-        }
-        for (k, v) in self.overlay.range(start..upper) {
-            if v.is_some() && !out.contains(k) {
-                out.push(k.clone());
-            }
-        }
-        out.sort();
-        out.truncate(limit);
-        Ok(out)
     }
 }
 
