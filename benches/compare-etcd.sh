@@ -57,7 +57,7 @@ start_etcd() {
     echo "etcd did not become healthy" >&2; exit 1
 }
 
-stop_all() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; PIDS=(); sleep 1; }
+stop_all() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; PIDS=(); sleep 1; }
 
 # name | bench flags
 LOADS=(

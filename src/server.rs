@@ -99,6 +99,8 @@ impl Server {
             pool,
             metrics,
             config: config.clone(),
+            leader_reads: Default::default(),
+            reads: Default::default(),
         });
 
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

@@ -23,7 +23,9 @@ use crate::net::{NetError, PeerPool};
 use crate::raft_types::{Node, NodeId, Raft};
 use crate::storage::StateMachineStore;
 
-#[derive(Debug, thiserror::Error)]
+pub mod batch;
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ConsensusError {
     #[error("no leader is known right now{}", hint(.leader))]
     NoLeader { leader: Option<NodeId> },
@@ -92,6 +94,10 @@ pub struct Consensus {
     pub pool: Arc<PeerPool>,
     pub metrics: Arc<Metrics>,
     pub config: Config,
+    /// Coalesces read-index rounds served by this node as leader (local reads and followers' RPCs).
+    pub leader_reads: Arc<batch::ReadBatcher>,
+    /// Coalesces read-index requests this node makes (to itself or to the leader).
+    pub reads: Arc<batch::ReadBatcher>,
 }
 
 pub fn role_name(s: ServerState) -> &'static str {
@@ -204,7 +210,18 @@ impl Consensus {
     }
 
     /// Leader only: confirms leadership with a quorum and returns the index reads must wait for.
-    pub async fn read_index_local(&self) -> Result<u64, ConsensusError> {
+    pub async fn read_index_local(self: &Arc<Self>) -> Result<u64, ConsensusError> {
+        let me = self.clone();
+        self.leader_reads
+            .read(move || {
+                let me = me.clone();
+                async move { me.read_index_round().await }
+            })
+            .await
+    }
+
+    /// One ReadIndex round on the leader: confirm leadership with a quorum.
+    async fn read_index_round(&self) -> Result<u64, ConsensusError> {
         let r = tokio::time::timeout(
             self.write_timeout(),
             self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
@@ -223,7 +240,17 @@ impl Consensus {
     }
 
     /// Read index from the leader (local or remote).
-    pub async fn read_index(&self) -> Result<u64, ConsensusError> {
+    pub async fn read_index(self: &Arc<Self>) -> Result<u64, ConsensusError> {
+        let me = self.clone();
+        self.reads
+            .read(move || {
+                let me = me.clone();
+                async move { me.read_index_uncoalesced().await }
+            })
+            .await
+    }
+
+    async fn read_index_uncoalesced(self: &Arc<Self>) -> Result<u64, ConsensusError> {
         let deadline = Instant::now() + self.write_timeout();
         loop {
             let (leader, addr) = self.wait_leader(deadline).await?;
@@ -266,7 +293,7 @@ impl Consensus {
 
     /// Linearizable read barrier: after it returns, local state reflects every write acknowledged
     /// before the call began.
-    pub async fn linearizable_barrier(&self) -> Result<u64, ConsensusError> {
+    pub async fn linearizable_barrier(self: &Arc<Self>) -> Result<u64, ConsensusError> {
         let idx = self.read_index().await?;
         self.wait_applied(idx).await
     }

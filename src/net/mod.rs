@@ -30,7 +30,7 @@ use crate::raft_types::{decode, encode, Node, NodeId, TypeConfig, Vote};
 use crate::storage::SnapshotDir;
 
 /// Transport errors, as the consensus layer sees them.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum NetError {
     #[error("peer {addr} unreachable: {reason}")]
     Unreachable { addr: String, reason: String },
