@@ -642,3 +642,56 @@ async fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).await.expect("read");
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t09_transfer_leader_via_cli_and_readyz_of_a_lone_node() {
+    let _g = serial();
+    let mut c = TestCluster::start(3, &[]);
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    let target = (leader + 1) % 3;
+    let bin = env!("CARGO_BIN_EXE_metaraft");
+    let eps = c.endpoints().join(",");
+    let out = std::process::Command::new(bin)
+        .args([
+            "cluster",
+            "transfer-leader",
+            &c.nodes[target].id.to_string(),
+            "--endpoints",
+            &eps,
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let now = c.wait_for_leader(Duration::from_secs(10)).await;
+    assert_eq!(now, target, "leadership moved to the requested node");
+    put(&c.client(), "after-transfer", "ok").await;
+    // Lag is reported for every member, from any node.
+    let s = c.client_at(leader).status(false).await.expect("status");
+    assert!(s.members.iter().all(|m| m.lag.is_some()), "{s:?}");
+    // A node that is not in any cluster is alive but not ready.
+    let lone = c.add_node();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ops = c.nodes[lone].ops.clone();
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(&ops).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"GET /readyz HTTP/1.1\r\n\r\n")
+                .await
+                .expect("write");
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.expect("read");
+            assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lone node's ops port never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(http_get(&ops, "/healthz").await.starts_with("HTTP/1.1 200"));
+}
