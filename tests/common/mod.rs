@@ -17,16 +17,22 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A port no other node of this test process was given: the OS may hand the same ephemeral port
-/// to two consecutive bind-and-release probes, which made two nodes collide.
+/// A port for a test node: below the kernel's ephemeral range (32768+), so no outgoing connection
+/// can take it as its source port while a killed node is down, and never handed out twice in this
+/// process. (Probing with bind(0) gave ephemeral ports; a restart could then fail to bind.)
 fn free_port() -> u16 {
-    static USED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut used = USED.lock().unwrap_or_else(|p| p.into_inner());
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 1000) as u16 * 10,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
     loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = l.local_addr().expect("addr").port();
-        if !used.contains(&port) {
-            used.push(port);
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_000, "ran out of test ports");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
