@@ -46,7 +46,9 @@ impl std::fmt::Display for Request {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `Debug` is redacted (lengths only): commands reach openraft's logs, and keys and values are the
+/// platform's metadata.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Put {
         key: Vec<u8>,
@@ -64,7 +66,7 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compare {
     /// The key's mod_revision equals this (0 = absent).
     Revision { key: Vec<u8>, revision: u64 },
@@ -72,10 +74,87 @@ pub enum Compare {
     Value { key: Vec<u8>, value: Vec<u8> },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     Put { key: Vec<u8>, value: Vec<u8> },
     Delete { key: Vec<u8> },
+}
+
+/// Shows a byte string as its length only.
+struct Redacted<'a>(&'a [u8]);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Put {
+                key,
+                value,
+                expected_revision,
+            } => f
+                .debug_struct("Put")
+                .field("key", &Redacted(key))
+                .field("value", &Redacted(value))
+                .field("expected_revision", expected_revision)
+                .finish(),
+            Command::Delete {
+                key,
+                expected_revision,
+            } => f
+                .debug_struct("Delete")
+                .field("key", &Redacted(key))
+                .field("expected_revision", expected_revision)
+                .finish(),
+            Command::Txn {
+                compares,
+                success,
+                failure,
+            } => f
+                .debug_struct("Txn")
+                .field("compares", compares)
+                .field("success", success)
+                .field("failure", failure)
+                .finish(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Compare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compare::Revision { key, revision } => f
+                .debug_struct("Revision")
+                .field("key", &Redacted(key))
+                .field("revision", revision)
+                .finish(),
+            Compare::Value { key, value } => f
+                .debug_struct("Value")
+                .field("key", &Redacted(key))
+                .field("value", &Redacted(value))
+                .finish(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Put { key, value } => f
+                .debug_struct("Put")
+                .field("key", &Redacted(key))
+                .field("value", &Redacted(value))
+                .finish(),
+            Op::Delete { key } => f
+                .debug_struct("Delete")
+                .field("key", &Redacted(key))
+                .finish(),
+        }
+    }
 }
 
 /// The result of applying one entry. `revision` is always the entry's log index.

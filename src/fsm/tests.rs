@@ -176,6 +176,14 @@ fn txn_is_atomic_and_sees_its_own_writes() {
 }
 
 #[test]
+fn debug_output_never_shows_keys_or_values() {
+    let r = Request::new("id", put("secret-key", "secret-value", None));
+    let s = format!("{r:?}");
+    assert!(!s.contains("secret"), "{s}");
+    assert!(s.contains("<10 bytes>") && s.contains("<12 bytes>"), "{s}");
+}
+
+#[test]
 fn newer_format_is_refused_not_applied() {
     let mut s = MemState::default();
     let mut req = Request::new("", put("a", "1", None));
