@@ -223,6 +223,50 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         .await
     }
 
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        _option: RPCOption,
+    ) -> openraft::base::BoxFuture<
+        's,
+        Result<
+            openraft::base::BoxStream<
+                's,
+                Result<openraft::raft::StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>,
+            >,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>>
+            + openraft::OptionalSend
+            + Unpin
+            + 'static,
+    {
+        use futures::StreamExt;
+        Box::pin(async move {
+            self.guard_self()?;
+            let mut client = self.pool.client(&self.addr).map_err(to_rpc_err)?;
+            let addr = self.addr.clone();
+            // An encode failure sends an empty message, which the receiver rejects: never a gap.
+            let out = input.map(|req| Blob {
+                data: encode(&req).unwrap_or_default(),
+            });
+            let resp = client
+                .append_stream(out)
+                .await
+                .map_err(|s| to_rpc_err(status_to_net(&addr, s)))?;
+            let strm = resp.into_inner().map(move |item| {
+                let blob = item.map_err(|s| to_rpc_err(status_to_net(&addr, s)))?;
+                let r: Result<openraft::raft::StreamAppendResult<TypeConfig>, String> =
+                    decode(&blob.data).map_err(net_err)?;
+                r.map_err(net_err)
+            });
+            let boxed: openraft::base::BoxStream<'s, _> = Box::pin(strm);
+            Ok(boxed)
+        })
+    }
+
     async fn vote(
         &mut self,
         rpc: VoteRequest<TypeConfig>,

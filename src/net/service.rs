@@ -42,6 +42,36 @@ impl Peer for PeerService {
         blob(&r)
     }
 
+    type AppendStreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<Blob, Status>> + Send + 'static>>;
+
+    // The stream's items are tonic `Status` by value, as tonic requires.
+    #[allow(clippy::result_large_err)]
+    async fn append_stream(
+        &self,
+        req: Request<Streaming<Blob>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        use futures::StreamExt;
+        // Requests are decoded until the first bad one; the stream then ends and the leader
+        // falls back to a fresh replication stream.
+        let input = req.into_inner().scan((), |_, item| {
+            let r = item.ok().and_then(|b| {
+                decode::<openraft::raft::AppendEntriesRequest<crate::raft_types::TypeConfig>>(
+                    &b.data,
+                )
+                .ok()
+            });
+            futures::future::ready(r)
+        });
+        let out = self.node.raft.stream_append(Box::pin(input)).map(|r| {
+            let r = r.map_err(|fatal| fatal.to_string());
+            encode(&r)
+                .map(|data| Blob { data })
+                .map_err(|e| Status::internal(format!("encode: {e}")))
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
     async fn vote(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
         let rpc = decode(&req.into_inner().data).map_err(|e| bad("vote", e))?;
         let r = self.node.raft.vote(rpc).await.map_err(|e| e.to_string());
