@@ -315,3 +315,142 @@ where
     }
     res
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Vec<u8> {
+        let vote = Vote::new(1, 1);
+        let meta = SnapshotMeta::default();
+        encode(&(vote, meta)).expect("encode")
+    }
+
+    fn manifest(files: Vec<FileEntry>) -> SnapshotChunk {
+        let total_bytes = files.iter().map(|f| f.size).sum();
+        SnapshotChunk {
+            kind: Some(snapshot_chunk::Kind::Manifest(SnapshotManifest {
+                header: header(),
+                files,
+                total_bytes,
+            })),
+        }
+    }
+
+    fn chunk(file_index: u32, offset: u64, data: &[u8], crc32: u32) -> SnapshotChunk {
+        SnapshotChunk {
+            kind: Some(snapshot_chunk::Kind::Data(FileChunk {
+                file_index,
+                offset,
+                data: data.to_vec(),
+                crc32,
+            })),
+        }
+    }
+
+    fn meta_file(data: &[u8]) -> FileEntry {
+        FileEntry {
+            name: crate::storage::SNAPSHOT_META_FILE.into(),
+            size: data.len() as u64,
+            crc32: crc32fast::hash(data),
+        }
+    }
+
+    async fn run(msgs: Vec<SnapshotChunk>, root: &Path) -> Result<PathBuf, ReceiveError> {
+        let tmp = root.join("incoming");
+        let fin = root.join("final");
+        let s = futures::stream::iter(msgs.into_iter().map(Ok::<_, tonic::Status>));
+        let r = receive(s, tmp.clone(), |_| fin.clone())
+            .await
+            .map(|(_, _, p)| p);
+        if r.is_err() {
+            assert!(!tmp.exists(), "temporary directory removed on failure");
+            assert!(!fin.exists(), "nothing installed on failure");
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn good_stream_is_written_and_renamed() {
+        let d = tempfile::tempdir().expect("tmp");
+        let data = b"hello snapshot";
+        let p = run(
+            vec![
+                manifest(vec![meta_file(data)]),
+                chunk(0, 0, data, crc32fast::hash(data)),
+            ],
+            d.path(),
+        )
+        .await
+        .expect("receive");
+        assert_eq!(
+            std::fs::read(p.join(crate::storage::SNAPSHOT_META_FILE)).expect("read"),
+            data
+        );
+    }
+
+    #[tokio::test]
+    async fn damaged_streams_are_refused_and_leave_nothing() {
+        let d = tempfile::tempdir().expect("tmp");
+        let data = b"hello snapshot";
+        let good = crc32fast::hash(data);
+        let cases: Vec<(&str, Vec<SnapshotChunk>)> = vec![
+            ("empty stream", vec![]),
+            ("data before manifest", vec![chunk(0, 0, data, good)]),
+            (
+                "flipped chunk CRC",
+                vec![manifest(vec![meta_file(data)]), chunk(0, 0, data, good ^ 1)],
+            ),
+            (
+                "short file",
+                vec![
+                    manifest(vec![meta_file(data)]),
+                    chunk(0, 0, &data[..4], crc32fast::hash(&data[..4])),
+                ],
+            ),
+            (
+                "offset gap",
+                vec![manifest(vec![meta_file(data)]), chunk(0, 3, data, good)],
+            ),
+            (
+                "file index out of range",
+                vec![manifest(vec![meta_file(data)]), chunk(7, 0, data, good)],
+            ),
+            (
+                "path traversal",
+                vec![manifest(vec![
+                    meta_file(data),
+                    FileEntry {
+                        name: "../evil".into(),
+                        size: 1,
+                        crc32: 0,
+                    },
+                ])],
+            ),
+            (
+                "no meta file",
+                vec![manifest(vec![FileEntry {
+                    name: "x.sst".into(),
+                    size: 0,
+                    crc32: 0,
+                }])],
+            ),
+            (
+                "whole-file CRC mismatch",
+                vec![
+                    manifest(vec![FileEntry {
+                        crc32: good ^ 1,
+                        ..meta_file(data)
+                    }]),
+                    chunk(0, 0, data, good),
+                ],
+            ),
+        ];
+        for (name, msgs) in cases {
+            let sub = d.path().join(name.replace(' ', "_"));
+            std::fs::create_dir_all(&sub).expect("mkdir");
+            let e = run(msgs, &sub).await.expect_err(name);
+            assert!(!e.to_string().is_empty(), "{name}");
+        }
+    }
+}
