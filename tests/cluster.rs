@@ -676,22 +676,14 @@ async fn t09_transfer_leader_via_cli_and_readyz_of_a_lone_node() {
     let lone = c.add_node();
     let deadline = Instant::now() + Duration::from_secs(10);
     let ops = c.nodes[lone].ops.clone();
-    loop {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(&ops).await {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            s.write_all(b"GET /readyz HTTP/1.1\r\n\r\n")
-                .await
-                .expect("write");
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.expect("read");
-            assert!(out.starts_with("HTTP/1.1 503"), "{out}");
-            break;
-        }
+    while tokio::net::TcpStream::connect(&ops).await.is_err() {
         assert!(
             Instant::now() < deadline,
             "lone node's ops port never came up"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let ready = http_get(&ops, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
     assert!(http_get(&ops, "/healthz").await.starts_with("HTTP/1.1 200"));
 }

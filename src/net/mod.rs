@@ -291,7 +291,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         let client = self.pool.client(&self.addr).map_err(|e| {
             StreamingError::Network(NetworkError::new(&AnyError::error(e.to_string())))
         })?;
-        let send = snapshot::send(client, vote, snapshot, option.hard_ttl());
+        let send = snapshot::send(client, self.addr.clone(), vote, snapshot, option.hard_ttl());
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             r = send => r.map_err(|e| match e {

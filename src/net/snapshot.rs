@@ -60,11 +60,11 @@ pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<(FileEntry, PathBuf)>> 
 /// Streams `snapshot` to a peer and returns its answer.
 pub async fn send(
     mut client: PeerClient<Channel>,
+    addr: String,
     vote: Vote,
     snapshot: openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir>,
     timeout: Duration,
 ) -> Result<openraft::raft::SnapshotResponse<TypeConfig>, NetError> {
-    let addr = "snapshot-target".to_string();
     let dir = snapshot.snapshot.path.clone();
     let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| NetError::Codec {
         addr: addr.clone(),
