@@ -1,0 +1,413 @@
+//! Named faults, their schedule, and the timeline of fault windows.
+//!
+//! The schedule alternates a quiet interval and a fault window; each window applies one fault
+//! drawn (by the run's seed) from the enabled list, holds it, then heals it.
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use metaraft::client::Client;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde::Serialize;
+use tokio::runtime::Handle;
+
+use crate::env::Env;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// Nodes split into a minority and a majority.
+    PartitionHalves,
+    /// The leader cut off from every other node.
+    IsolateLeader,
+    /// Two sides that each see one bridge node: overlapping majorities.
+    Bridge,
+    /// 20% of packets into every node dropped (iptables statistic match).
+    Loss,
+    /// Every node's outgoing bandwidth limited (tc tbf).
+    Bandwidth,
+    /// kill -9 of a random minority of nodes, restarted at heal.
+    Kill,
+    /// kill -9 of the leader, restarted at heal.
+    KillLeader,
+    /// SIGSTOP of a random node, SIGCONT at heal.
+    Pause,
+    /// SIGSTOP of the leader.
+    PauseLeader,
+    /// A follower removed from the voters under load, added back and promoted at heal.
+    Membership,
+    /// Leadership transferred to another voter every 300 ms.
+    TransferStorm,
+}
+
+pub const ALL: &[Fault] = &[
+    Fault::PartitionHalves,
+    Fault::IsolateLeader,
+    Fault::Bridge,
+    Fault::Loss,
+    Fault::Bandwidth,
+    Fault::Kill,
+    Fault::KillLeader,
+    Fault::Pause,
+    Fault::PauseLeader,
+    Fault::Membership,
+    Fault::TransferStorm,
+];
+
+impl Fault {
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+    pub fn is_network(self) -> bool {
+        matches!(
+            self,
+            Fault::PartitionHalves
+                | Fault::IsolateLeader
+                | Fault::Bridge
+                | Fault::Loss
+                | Fault::Bandwidth
+        )
+    }
+}
+
+impl FromStr for Fault {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Fault> {
+        ALL.iter()
+            .copied()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| anyhow!("unknown nemesis {s:?}"))
+    }
+}
+
+/// Parses a comma-separated list of fault names or groups: `partition` (halves, isolate-leader,
+/// bridge), `kill` (kill, kill-leader), `pause` (pause, pause-leader), `network`, `all`, `none`.
+pub fn parse_list(s: &str) -> Result<Vec<Fault>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let group: Vec<Fault> = match part {
+            "none" => vec![],
+            "all" => ALL.to_vec(),
+            "partition" => vec![Fault::PartitionHalves, Fault::IsolateLeader, Fault::Bridge],
+            "kill" => vec![Fault::Kill, Fault::KillLeader],
+            "pause" => vec![Fault::Pause, Fault::PauseLeader],
+            "network" => ALL.iter().copied().filter(|f| f.is_network()).collect(),
+            "disk-full" | "fsync-fail" => bail!(
+                "nemesis {part:?} is not implemented yet (see jepsen/README.md); refusing to \
+                 pretend it ran"
+            ),
+            name => vec![name.parse()?],
+        };
+        for f in group {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One fault window on the timeline.
+#[derive(Serialize, Clone, Debug)]
+pub struct Window {
+    pub fault: String,
+    pub detail: String,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+pub struct Nemesis {
+    pub env: Arc<Mutex<Env>>,
+    pub client: Arc<Client>,
+    pub rt: Handle,
+    pub rng: StdRng,
+    pub t0: Instant,
+    pub interval: Duration,
+    pub hold: Duration,
+    /// A voter removed by the membership fault and not yet restored.
+    removed: Option<usize>,
+}
+
+fn lock(env: &Mutex<Env>) -> std::sync::MutexGuard<'_, Env> {
+    env.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Nemesis {
+    pub fn new(
+        env: Arc<Mutex<Env>>,
+        client: Arc<Client>,
+        rt: Handle,
+        rng: StdRng,
+        t0: Instant,
+        interval: Duration,
+        hold: Duration,
+    ) -> Nemesis {
+        Nemesis {
+            env,
+            client,
+            rt,
+            rng,
+            t0,
+            interval,
+            hold,
+            removed: None,
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+
+    fn n(&self) -> usize {
+        lock(&self.env).nodes.len()
+    }
+
+    /// The index of the node the cluster currently reports as leader (highest term wins).
+    pub fn leader(&self) -> Option<usize> {
+        let n = self.n();
+        let mut best: Option<(u64, u64)> = None;
+        for i in 0..n {
+            let mut c = self.client.cluster_at(i);
+            let r = self.rt.block_on(async move {
+                tokio::time::timeout(
+                    Duration::from_millis(700),
+                    c.status(metaraft::pb::ClusterStatusRequest { with_hash: false }),
+                )
+                .await
+            });
+            if let Ok(Ok(resp)) = r {
+                let s = resp.into_inner();
+                if let Some(l) = s.leader {
+                    if best.map(|(t, _)| s.term > t).unwrap_or(true) {
+                        best = Some((s.term, l));
+                    }
+                }
+            }
+        }
+        let id = best?.1;
+        lock(&self.env).nodes.iter().position(|n| n.id == id)
+    }
+
+    /// Runs the schedule until `until`, returning the fault windows.
+    pub fn run(&mut self, faults: &[Fault], until: Instant) -> Vec<Window> {
+        let mut windows = Vec::new();
+        if faults.is_empty() {
+            return windows;
+        }
+        while Instant::now() + self.interval + self.hold < until {
+            std::thread::sleep(self.interval);
+            let f = faults[self.rng.gen_range(0..faults.len())];
+            let start_ns = self.now_ns();
+            let detail = match self.start(f) {
+                Ok(d) => d,
+                Err(e) => format!("could not start: {e:#}"),
+            };
+            let hold_until = Instant::now() + self.hold;
+            while Instant::now() < hold_until {
+                if f == Fault::TransferStorm {
+                    self.transfer_once();
+                    std::thread::sleep(Duration::from_millis(300));
+                } else {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            let healed = self.heal(f);
+            let detail = match healed {
+                Ok(()) => detail,
+                Err(e) => format!("{detail}; heal: {e:#}"),
+            };
+            windows.push(Window {
+                fault: f.name(),
+                detail,
+                start_ns,
+                end_ns: self.now_ns(),
+            });
+        }
+        windows
+    }
+
+    fn ids(&self, idx: &[usize]) -> Vec<u64> {
+        let env = lock(&self.env);
+        idx.iter().map(|&i| env.nodes[i].id).collect()
+    }
+
+    fn start(&mut self, f: Fault) -> Result<String> {
+        let n = self.n();
+        let mut all: Vec<usize> = (0..n).collect();
+        all.shuffle(&mut self.rng);
+        match f {
+            Fault::PartitionHalves => {
+                let (a, b) = all.split_at(n / 2);
+                lock(&self.env).cut(&cross(a, b))?;
+                Ok(format!("{:?} | {:?}", self.ids(a), self.ids(b)))
+            }
+            Fault::IsolateLeader => {
+                let l = self.leader().ok_or_else(|| anyhow!("no leader"))?;
+                let others: Vec<usize> = (0..n).filter(|&i| i != l).collect();
+                lock(&self.env).cut(&cross(&[l], &others))?;
+                Ok(format!("leader {:?} isolated", self.ids(&[l])))
+            }
+            Fault::Bridge => {
+                let bridge = all[0];
+                let rest = &all[1..];
+                let (a, b) = rest.split_at(rest.len() / 2);
+                lock(&self.env).cut(&cross(a, b))?;
+                Ok(format!(
+                    "{:?} | {:?} bridged by {:?}",
+                    self.ids(a),
+                    self.ids(b),
+                    self.ids(&[bridge])
+                ))
+            }
+            Fault::Loss => {
+                lock(&self.env).loss(0.2)?;
+                Ok("20% loss into every node".into())
+            }
+            Fault::Bandwidth => {
+                lock(&self.env).bandwidth("256kbit")?;
+                Ok("256 kbit/s out of every node".into())
+            }
+            Fault::Kill => {
+                let k = self.rng.gen_range(1..=((n - 1) / 2).max(1));
+                let victims = &all[..k];
+                let mut env = lock(&self.env);
+                for &v in victims {
+                    env.kill(v);
+                }
+                drop(env);
+                Ok(format!("killed {:?}", self.ids(victims)))
+            }
+            Fault::KillLeader => {
+                let l = self.leader().ok_or_else(|| anyhow!("no leader"))?;
+                lock(&self.env).kill(l);
+                Ok(format!("killed leader {:?}", self.ids(&[l])))
+            }
+            Fault::Pause => {
+                let v = all[0];
+                lock(&self.env).pause(v);
+                Ok(format!("paused {:?}", self.ids(&[v])))
+            }
+            Fault::PauseLeader => {
+                let l = self.leader().ok_or_else(|| anyhow!("no leader"))?;
+                lock(&self.env).pause(l);
+                Ok(format!("paused leader {:?}", self.ids(&[l])))
+            }
+            Fault::Membership => {
+                let l = self.leader().ok_or_else(|| anyhow!("no leader"))?;
+                let v = *all
+                    .iter()
+                    .find(|&&i| i != l)
+                    .ok_or_else(|| anyhow!("no follower to remove"))?;
+                let id = self.ids(&[v])[0];
+                let c = self.client.clone();
+                self.rt.block_on(async move { c.remove(id).await })?;
+                self.removed = Some(v);
+                Ok(format!("removed voter {id}"))
+            }
+            Fault::TransferStorm => Ok("leader transferred every 300 ms".into()),
+        }
+    }
+
+    fn transfer_once(&mut self) {
+        let Some(l) = self.leader() else { return };
+        let n = self.n();
+        let others: Vec<usize> = (0..n)
+            .filter(|&i| i != l && Some(i) != self.removed)
+            .collect();
+        if let Some(&t) = others.choose(&mut self.rng) {
+            let id = self.ids(&[t])[0];
+            let c = self.client.clone();
+            let _ = self.rt.block_on(async move { c.transfer_leader(id).await });
+        }
+    }
+
+    fn heal(&mut self, f: Fault) -> Result<()> {
+        match f {
+            Fault::Kill | Fault::KillLeader | Fault::Pause | Fault::PauseLeader => {
+                lock(&self.env).revive_all()?;
+                Ok(())
+            }
+            Fault::Membership => self.restore_membership(Duration::from_secs(5)),
+            _ => lock(&self.env).heal_network(),
+        }
+    }
+
+    /// Adds a removed voter back (as learner, then promoted), retrying until `patience` passes.
+    pub fn restore_membership(&mut self, patience: Duration) -> Result<()> {
+        let Some(v) = self.removed else {
+            return Ok(());
+        };
+        let (id, peer, client_addr) = {
+            let env = lock(&self.env);
+            let n = &env.nodes[v];
+            (n.id, n.peer_addr.clone(), n.client_addr.clone())
+        };
+        let deadline = Instant::now() + patience;
+        loop {
+            let c = self.client.clone();
+            let (p, ca) = (peer.clone(), client_addr.clone());
+            let r = self.rt.block_on(async move {
+                c.add_learner(id, p, ca).await?;
+                c.promote(id).await
+            });
+            match r {
+                Ok(_) => {
+                    self.removed = None;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(anyhow!("re-adding voter {id}: {e}"))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(300)),
+            }
+        }
+    }
+
+    /// Heals every fault: network, processes, membership.
+    pub fn heal_all(&mut self) -> Result<Vec<(u64, String)>> {
+        let mut env = lock(&self.env);
+        env.heal_network()?;
+        let exited = env.revive_all()?;
+        drop(env);
+        self.restore_membership(Duration::from_secs(30))?;
+        Ok(exited)
+    }
+}
+
+fn cross(a: &[usize], b: &[usize]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for &x in a {
+        for &y in b {
+            out.push((x, y));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_parse_with_groups_and_refuse_unknowns() {
+        let l = parse_list("partition,kill,pause").unwrap();
+        assert_eq!(l.len(), 7);
+        assert_eq!(parse_list("all").unwrap().len(), ALL.len());
+        assert!(parse_list("none").unwrap().is_empty());
+        assert_eq!(parse_list("loss,loss").unwrap(), vec![Fault::Loss]);
+        let e = parse_list("partition,flood").unwrap_err().to_string();
+        assert!(e.contains("flood"), "{e}");
+        let e = parse_list("fsync-fail").unwrap_err().to_string();
+        assert!(e.contains("not implemented"), "{e}");
+        for f in ALL {
+            assert_eq!(f.name().parse::<Fault>().unwrap(), *f);
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! One test run: cluster up, clients and nemesis, heal, final reads, check, report.
+//!
+//! Output directory: `history.jsonl`, `timeline.json` (fault windows), `summary.json`,
+//! `latency.svg`, and `n<id>/log.txt` (each node's log) beside `n<id>/data`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use metaraft::client::Client;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::checker::{self, Validity, Workload};
+use crate::env::{self, Env, Mode};
+use crate::history;
+use crate::nemesis::{Fault, Nemesis};
+use crate::plot;
+use crate::workload::{self, ClientCfg, Recorder};
+
+#[derive(Clone, Debug)]
+pub struct RunOpts {
+    pub workload: Workload,
+    pub nodes: usize,
+    pub clients: u64,
+    /// Target operations per second over all clients.
+    pub rate: f64,
+    pub time_limit: Duration,
+    pub seed: u64,
+    pub nemesis: Vec<Fault>,
+    pub interval: Duration,
+    pub hold: Duration,
+    pub out: PathBuf,
+    pub loopback: bool,
+    pub bin: PathBuf,
+    pub op_timeout: Duration,
+    pub check_budget: Duration,
+}
+
+#[derive(Serialize, Clone, Copy, Debug, Default)]
+pub struct Counts {
+    pub ok: u64,
+    pub fail: u64,
+    pub info: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Summary {
+    pub valid: Validity,
+    pub workload: Workload,
+    pub anomalies: Vec<String>,
+    pub counts: BTreeMap<String, Counts>,
+    pub mode: String,
+    pub nodes: usize,
+    pub clients: u64,
+    pub seed: u64,
+    pub time_limit_s: f64,
+    pub nemesis: Vec<String>,
+    pub fault_windows: usize,
+    /// Nodes that exited on their own (not killed by the nemesis), with their exit status.
+    pub exited_by_themselves: Vec<(u64, String)>,
+    /// Every replica's state hash equal at one applied index after healing.
+    pub replicas_equal: Option<bool>,
+    pub recovery_s: f64,
+    pub out: String,
+}
+
+pub fn run(o: &RunOpts) -> Result<Summary> {
+    let mode = if o.loopback {
+        Mode::Loopback
+    } else {
+        Mode::Netns
+    };
+    if mode == Mode::Loopback {
+        let net: Vec<String> = o
+            .nemesis
+            .iter()
+            .filter(|f| f.is_network())
+            .map(|f| f.name())
+            .collect();
+        if !net.is_empty() {
+            bail!(
+                "unsupported in loopback mode (needs root and network namespaces): {}",
+                net.join(", ")
+            );
+        }
+    }
+    if o.nodes < 3 || o.nodes > 9 {
+        bail!("--nodes must be between 3 and 9, got {}", o.nodes);
+    }
+    if o.clients == 0 || o.rate <= 0.0 {
+        bail!("--clients and --rate must be positive");
+    }
+    if !o.bin.exists() {
+        bail!(
+            "metaraft binary not found at {} (pass --bin)",
+            o.bin.display()
+        );
+    }
+    if o.out.exists() && std::fs::read_dir(&o.out)?.next().is_some() {
+        bail!("output directory {} is not empty", o.out.display());
+    }
+    std::fs::create_dir_all(&o.out)?;
+    let mut env = Env::create(mode, o.nodes, 0, &o.out, &o.bin)?;
+    if mode == Mode::Netns {
+        // Before any thread exists: every client connection then starts inside the namespaces.
+        env::enter_client_ns()?;
+    }
+    for i in 0..o.nodes {
+        env.spawn(i)?;
+    }
+    let addrs: Vec<String> = env.nodes.iter().map(|n| n.client_addr.clone()).collect();
+    let env = Arc::new(Mutex::new(env));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let _rt_guard = rt.enter();
+    let client = Arc::new(Client::new(&addrs, o.op_timeout)?);
+    let kvs: Vec<_> = (0..addrs.len()).map(|i| client.kv_at(i)).collect();
+
+    // Wait until the cluster takes a write.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = client.clone();
+        let r = rt.block_on(async move {
+            c.put(metaraft::pb::PutRequest {
+                key: b"jepsen/ready".to_vec(),
+                value: b"1".to_vec(),
+                expected_revision: None,
+                request_id: String::new(),
+            })
+            .await
+        });
+        match r {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => bail!("cluster never became writable: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
+
+    let t0 = Instant::now();
+    let file = std::fs::File::create(o.out.join("history.jsonl"))?;
+    let rec = Arc::new(Recorder::new(t0, Some(file)));
+    let until = t0 + o.time_limit;
+    let cfg = Arc::new(ClientCfg {
+        workload: o.workload,
+        clients: o.clients,
+        delay: Duration::from_secs_f64(o.clients as f64 / o.rate),
+        op_timeout: o.op_timeout,
+        seed: o.seed,
+        keys: 5,
+    });
+    let tasks: Vec<_> = (0..o.clients)
+        .map(|i| {
+            rt.spawn(workload::client_loop(
+                cfg.clone(),
+                rec.clone(),
+                kvs.clone(),
+                i,
+                until,
+            ))
+        })
+        .collect();
+    let mut nemesis = Nemesis::new(
+        env.clone(),
+        client.clone(),
+        rt.handle().clone(),
+        StdRng::seed_from_u64(o.seed),
+        t0,
+        o.interval,
+        o.hold,
+    );
+    let windows = nemesis.run(&o.nemesis, until);
+    rt.block_on(async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+
+    // Heal everything and wait for recovery.
+    let heal_start = Instant::now();
+    let exited = nemesis.heal_all().context("healing")?;
+    let finals_ok = rt.block_on(workload::final_read(
+        o.workload,
+        &rec,
+        &kvs,
+        Duration::from_secs(60),
+    ));
+    let recovery_s = heal_start.elapsed().as_secs_f64();
+    let replicas_equal = rt.block_on(replicas_converge(
+        &client,
+        addrs.len(),
+        Duration::from_secs(60),
+    ));
+
+    let events = rec.finish()?;
+    let timeline = o.out.join("timeline.json");
+    std::fs::write(&timeline, serde_json::to_vec_pretty(&windows)?)?;
+    let mut verdict = checker::check(o.workload, &events, o.check_budget)?;
+    if !finals_ok {
+        verdict
+            .anomalies
+            .push("final read never succeeded after healing".into());
+    }
+    match replicas_equal {
+        Some(false) => {
+            verdict.valid = Validity::Invalid;
+            verdict
+                .anomalies
+                .push("replica state hashes differ at one applied index".into());
+        }
+        None => {
+            verdict.valid = verdict.valid.and(Validity::Unknown);
+            verdict
+                .anomalies
+                .push("replicas did not converge to one applied index".into());
+        }
+        Some(true) => {}
+    }
+    let ops = history::pair(&events)?;
+    let counts = history::counts(&ops)
+        .into_iter()
+        .map(|(k, c)| {
+            (
+                k,
+                Counts {
+                    ok: c[0],
+                    fail: c[1],
+                    info: c[2],
+                },
+            )
+        })
+        .collect();
+    let title = format!(
+        "{} · {} nodes · {} · seed {}",
+        o.workload,
+        o.nodes,
+        o.nemesis
+            .iter()
+            .map(|f| f.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        o.seed
+    );
+    std::fs::write(
+        o.out.join("latency.svg"),
+        plot::latency_svg(&ops, &windows, &title),
+    )?;
+    let summary = Summary {
+        valid: verdict.valid,
+        workload: o.workload,
+        anomalies: verdict.anomalies,
+        counts,
+        mode: format!("{mode:?}").to_lowercase(),
+        nodes: o.nodes,
+        clients: o.clients,
+        seed: o.seed,
+        time_limit_s: o.time_limit.as_secs_f64(),
+        nemesis: o.nemesis.iter().map(|f| f.name()).collect(),
+        fault_windows: windows.len(),
+        exited_by_themselves: exited,
+        replicas_equal,
+        recovery_s,
+        out: o.out.display().to_string(),
+    };
+    std::fs::write(
+        o.out.join("summary.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
+    let mut env = env.lock().unwrap_or_else(|p| p.into_inner());
+    env.teardown();
+    Ok(summary)
+}
+
+/// Waits until every member reports the same applied index, then compares their state hashes.
+/// None: they never settled on one index within `patience`.
+async fn replicas_converge(client: &Client, n: usize, patience: Duration) -> Option<bool> {
+    let deadline = Instant::now() + patience;
+    while Instant::now() < deadline {
+        if let Ok(s) = client.status(true).await {
+            let seen: Vec<(u64, u64)> = s
+                .members
+                .iter()
+                .filter_map(|m| Some((m.hash_index?, m.state_hash?)))
+                .collect();
+            if seen.len() == n && seen.iter().all(|(idx, _)| *idx == seen[0].0) {
+                return Some(seen.iter().all(|(_, h)| *h == seen[0].1));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    None
+}
+
+/// The verdict as a one-line table row for the console.
+pub fn row(s: &Summary) -> String {
+    let c: Vec<String> = s
+        .counts
+        .iter()
+        .map(|(k, c)| format!("{k} {}/{}/{}", c.ok, c.fail, c.info))
+        .collect();
+    format!(
+        "{:<11} valid={:<7} windows={:<3} replicas_equal={:<5} ops(ok/fail/info): {}",
+        s.workload.to_string(),
+        s.valid.to_string(),
+        s.fault_windows,
+        s.replicas_equal
+            .map(|b| b.to_string())
+            .unwrap_or("?".into()),
+        c.join(", ")
+    )
+}

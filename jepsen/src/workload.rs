@@ -1,0 +1,476 @@
+//! Client operations of each workload. Every operation is recorded as an invocation before it is
+//! sent and as ok / fail / info when it ends. Writes end in `info` (unknown) on any error that
+//! does not prove the write was not applied; reads that error end in `fail` (a read changes
+//! nothing).
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metaraft::pb;
+use metaraft::pb::kv_client::KvClient;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::checker::Workload;
+use crate::history::{Event, Kind, F};
+
+/// Appends events to the in-memory history and to the history file as they happen, so a run
+/// that dies midway still leaves what it saw.
+pub struct Recorder {
+    pub t0: Instant,
+    events: Mutex<(Vec<Event>, Option<std::io::BufWriter<std::fs::File>>)>,
+}
+
+impl Recorder {
+    pub fn new(t0: Instant, file: Option<std::fs::File>) -> Recorder {
+        Recorder {
+            t0,
+            events: Mutex::new((Vec::new(), file.map(std::io::BufWriter::new))),
+        }
+    }
+    pub fn now_ns(&self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+    pub fn record(&self, mut e: Event) -> Event {
+        e.time_ns = self.now_ns();
+        let mut g = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = g.1.as_mut() {
+            // A failed history write is reported at flush; the in-memory copy stays complete.
+            let _ = serde_json::to_writer(&mut *w, &e);
+            let _ = w.write_all(b"\n");
+        }
+        g.0.push(e.clone());
+        e
+    }
+    pub fn finish(&self) -> std::io::Result<Vec<Event>> {
+        let mut g = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = g.1.as_mut() {
+            w.flush()?;
+        }
+        Ok(g.0.clone())
+    }
+}
+
+pub struct ClientCfg {
+    pub workload: Workload,
+    pub clients: u64,
+    /// Pause between one client's operations.
+    pub delay: Duration,
+    pub op_timeout: Duration,
+    pub seed: u64,
+    pub keys: u64,
+}
+
+/// What a write's error says about whether it took effect.
+fn write_outcome(code: Code) -> Kind {
+    match code {
+        // Refused by validation before it was proposed.
+        Code::InvalidArgument | Code::ResourceExhausted => Kind::Fail,
+        _ => Kind::Info,
+    }
+}
+
+fn parse_value(kv: &pb::KeyValue) -> Option<i64> {
+    std::str::from_utf8(&kv.value).ok()?.parse().ok()
+}
+
+fn read_opts(c: pb::Consistency, min_revision: u64) -> Option<pb::ReadOptions> {
+    Some(pb::ReadOptions {
+        consistency: c as i32,
+        min_revision,
+        max_lag: 0,
+    })
+}
+
+async fn timed<T>(
+    d: Duration,
+    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Code> {
+    match tokio::time::timeout(d, f).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(s.code()),
+        Err(_) => Err(Code::DeadlineExceeded),
+    }
+}
+
+fn err_text(c: Code) -> Option<String> {
+    Some(format!("{c:?}"))
+}
+
+/// One client: runs operations against its node until `until`, moving to the next node after
+/// an error.
+pub async fn client_loop(
+    cfg: Arc<ClientCfg>,
+    rec: Arc<Recorder>,
+    kvs: Vec<KvClient<Channel>>,
+    index: u64,
+    until: Instant,
+) {
+    let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(index));
+    let mut process = index;
+    let mut node = (index as usize) % kvs.len();
+    let mut counter: i64 = 0;
+    let mut last_seen: u64 = 0;
+    while Instant::now() < until {
+        let mut kv = kvs[node].clone();
+        let key_no = rng.gen_range(0..cfg.keys);
+        let t = cfg.op_timeout;
+        let outcome = match cfg.workload {
+            Workload::Register => {
+                let key = format!("reg/{key_no}");
+                match rng.gen_range(0..4) {
+                    0 | 1 => {
+                        let mut inv = Event::new(process, Kind::Invoke, F::Read, 0);
+                        inv.key = Some(key.clone());
+                        inv.node = Some(node as u64 + 1);
+                        rec.record(inv.clone());
+                        let r = timed(
+                            t,
+                            kv.get(pb::GetRequest {
+                                key: key.into_bytes(),
+                                read: read_opts(pb::Consistency::Linearizable, 0),
+                            }),
+                        )
+                        .await;
+                        let mut c = inv;
+                        match r {
+                            Ok(resp) => {
+                                c.kind = Kind::Ok;
+                                c.value = resp.kv.as_ref().and_then(parse_value);
+                                c.index = Some(resp.applied_index);
+                            }
+                            Err(code) => {
+                                c.kind = Kind::Fail;
+                                c.error = err_text(code);
+                            }
+                        }
+                        rec.record(c).kind
+                    }
+                    2 => {
+                        let v = rng.gen_range(0..5);
+                        let mut inv = Event::new(process, Kind::Invoke, F::Write, 0);
+                        inv.key = Some(key.clone());
+                        inv.value = Some(v);
+                        inv.node = Some(node as u64 + 1);
+                        rec.record(inv.clone());
+                        let r = timed(
+                            t,
+                            kv.put(pb::PutRequest {
+                                key: key.into_bytes(),
+                                value: v.to_string().into_bytes(),
+                                expected_revision: None,
+                                request_id: metaraft::client::new_request_id(),
+                            }),
+                        )
+                        .await;
+                        let mut c = inv;
+                        match r {
+                            Ok(resp) => {
+                                c.kind = Kind::Ok;
+                                c.revision = Some(resp.revision);
+                            }
+                            Err(code) => {
+                                c.kind = write_outcome(code);
+                                c.error = err_text(code);
+                            }
+                        }
+                        rec.record(c).kind
+                    }
+                    _ => {
+                        let (old, new) = (rng.gen_range(0..5), rng.gen_range(0..5));
+                        let mut inv = Event::new(process, Kind::Invoke, F::Cas, 0);
+                        inv.key = Some(key.clone());
+                        inv.expected = Some(old);
+                        inv.value = Some(new);
+                        inv.node = Some(node as u64 + 1);
+                        rec.record(inv.clone());
+                        let r = timed(
+                            t,
+                            kv.txn(pb::TxnRequest {
+                                compares: vec![pb::Compare {
+                                    key: key.clone().into_bytes(),
+                                    target: Some(pb::compare::Target::Value(
+                                        old.to_string().into_bytes(),
+                                    )),
+                                }],
+                                success: vec![pb::TxnOp {
+                                    op: Some(pb::txn_op::Op::Put(pb::PutOp {
+                                        key: key.into_bytes(),
+                                        value: new.to_string().into_bytes(),
+                                    })),
+                                }],
+                                failure: vec![],
+                                request_id: metaraft::client::new_request_id(),
+                            }),
+                        )
+                        .await;
+                        let mut c = inv;
+                        match r {
+                            Ok(resp) if resp.succeeded => {
+                                c.kind = Kind::Ok;
+                                c.revision = Some(resp.revision);
+                            }
+                            Ok(_) => {
+                                c.kind = Kind::Fail;
+                                c.error = Some("compare failed".into());
+                            }
+                            Err(code) => {
+                                c.kind = write_outcome(code);
+                                c.error = err_text(code);
+                            }
+                        }
+                        rec.record(c).kind
+                    }
+                }
+            }
+            Workload::Set => {
+                counter += 1;
+                let v = index as i64 * 10_000_000 + counter;
+                let mut inv = Event::new(process, Kind::Invoke, F::Add, 0);
+                inv.value = Some(v);
+                inv.node = Some(node as u64 + 1);
+                rec.record(inv.clone());
+                let r = timed(
+                    t,
+                    kv.put(pb::PutRequest {
+                        key: format!("set/{v:016}").into_bytes(),
+                        value: v.to_string().into_bytes(),
+                        expected_revision: None,
+                        request_id: metaraft::client::new_request_id(),
+                    }),
+                )
+                .await;
+                let mut c = inv;
+                match r {
+                    Ok(resp) => {
+                        c.kind = Kind::Ok;
+                        c.revision = Some(resp.revision);
+                    }
+                    Err(code) => {
+                        c.kind = write_outcome(code);
+                        c.error = err_text(code);
+                    }
+                }
+                rec.record(c).kind
+            }
+            Workload::Session => {
+                let key = format!("sess/{key_no}");
+                let choice = rng.gen_range(0..5);
+                if choice < 2 {
+                    let v = rng.gen_range(0..1000);
+                    let mut inv = Event::new(process, Kind::Invoke, F::Write, 0);
+                    inv.key = Some(key.clone());
+                    inv.value = Some(v);
+                    inv.node = Some(node as u64 + 1);
+                    rec.record(inv.clone());
+                    let r = timed(
+                        t,
+                        kv.put(pb::PutRequest {
+                            key: key.into_bytes(),
+                            value: v.to_string().into_bytes(),
+                            expected_revision: None,
+                            request_id: metaraft::client::new_request_id(),
+                        }),
+                    )
+                    .await;
+                    let mut c = inv;
+                    match r {
+                        Ok(resp) => {
+                            c.kind = Kind::Ok;
+                            c.revision = Some(resp.revision);
+                            last_seen = last_seen.max(resp.revision);
+                        }
+                        Err(code) => {
+                            c.kind = write_outcome(code);
+                            c.error = err_text(code);
+                        }
+                    }
+                    rec.record(c).kind
+                } else {
+                    let (f, consistency, min) = if choice < 4 {
+                        (F::SessionRead, pb::Consistency::Session, last_seen)
+                    } else {
+                        (F::StaleRead, pb::Consistency::Stale, 0)
+                    };
+                    let mut inv = Event::new(process, Kind::Invoke, f, 0);
+                    inv.key = Some(key.clone());
+                    inv.index = Some(min);
+                    inv.node = Some(node as u64 + 1);
+                    rec.record(inv.clone());
+                    let r = timed(
+                        t,
+                        kv.get(pb::GetRequest {
+                            key: key.into_bytes(),
+                            read: read_opts(consistency, min),
+                        }),
+                    )
+                    .await;
+                    let mut c = inv;
+                    match r {
+                        Ok(resp) => {
+                            c.kind = Kind::Ok;
+                            c.index = Some(resp.applied_index);
+                            c.revision =
+                                Some(resp.kv.as_ref().map(|k| k.mod_revision).unwrap_or(0));
+                            c.value = resp.kv.as_ref().and_then(parse_value);
+                            if f == F::SessionRead {
+                                last_seen = last_seen.max(resp.applied_index);
+                            }
+                        }
+                        Err(code) => {
+                            c.kind = Kind::Fail;
+                            c.error = err_text(code);
+                        }
+                    }
+                    rec.record(c).kind
+                }
+            }
+            Workload::Idempotent => {
+                let id = metaraft::client::new_request_id();
+                let mut last = Kind::Info;
+                for attempt in 0..5u64 {
+                    let n = (node + attempt as usize) % kvs.len();
+                    let mut kv = kvs[n].clone();
+                    let mut inv = Event::new(process, Kind::Invoke, F::IdemWrite, 0);
+                    inv.key = Some("idem/counter".into());
+                    inv.request_id = Some(id.clone());
+                    inv.node = Some(n as u64 + 1);
+                    rec.record(inv.clone());
+                    let r = timed(
+                        t,
+                        kv.put(pb::PutRequest {
+                            key: b"idem/counter".to_vec(),
+                            value: id.clone().into_bytes(),
+                            expected_revision: None,
+                            request_id: id.clone(),
+                        }),
+                    )
+                    .await;
+                    let mut c = inv;
+                    match r {
+                        Ok(resp) => {
+                            c.kind = Kind::Ok;
+                            c.revision = Some(resp.revision);
+                        }
+                        Err(code) => {
+                            c.kind = write_outcome(code);
+                            c.error = err_text(code);
+                        }
+                    }
+                    last = rec.record(c).kind;
+                    if last != Kind::Info || Instant::now() >= until {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                last
+            }
+        };
+        if outcome != Kind::Ok {
+            node = (node + 1) % kvs.len();
+        }
+        if outcome == Kind::Info && cfg.workload == Workload::Register {
+            // An operation with unknown outcome never ends, as in Jepsen: the client continues
+            // as a new process.
+            process += cfg.clients;
+        }
+        tokio::time::sleep(cfg.delay).await;
+    }
+}
+
+/// The final read after healing, retried until it succeeds or `patience` passes.
+pub async fn final_read(
+    workload: Workload,
+    rec: &Recorder,
+    kvs: &[KvClient<Channel>],
+    patience: Duration,
+) -> bool {
+    let process = 1_000_000;
+    let deadline = Instant::now() + patience;
+    let mut node = 0;
+    loop {
+        let mut kv = kvs[node % kvs.len()].clone();
+        node += 1;
+        let mut inv = Event::new(process, Kind::Invoke, F::FinalRead, 0);
+        inv.node = Some((node % kvs.len()) as u64);
+        match workload {
+            Workload::Set => {
+                rec.record(inv.clone());
+                let mut values = Vec::new();
+                let mut start_after = Vec::new();
+                let mut ok = true;
+                loop {
+                    let r = timed(
+                        Duration::from_secs(5),
+                        kv.range(pb::RangeRequest {
+                            prefix: b"set/".to_vec(),
+                            start_after: start_after.clone(),
+                            limit: 1000,
+                            read: read_opts(pb::Consistency::Linearizable, 0),
+                            keys_only: false,
+                        }),
+                    )
+                    .await;
+                    match r {
+                        Ok(resp) => {
+                            values.extend(resp.kvs.iter().filter_map(parse_value));
+                            match resp.kvs.last() {
+                                Some(last) if resp.more => start_after = last.key.clone(),
+                                _ => break,
+                            }
+                        }
+                        Err(code) => {
+                            let mut c = inv.clone();
+                            c.kind = Kind::Fail;
+                            c.error = err_text(code);
+                            rec.record(c);
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+                if ok {
+                    let mut c = inv;
+                    c.kind = Kind::Ok;
+                    c.values = Some(values);
+                    rec.record(c);
+                    return true;
+                }
+            }
+            Workload::Idempotent => {
+                inv.key = Some("idem/counter".into());
+                rec.record(inv.clone());
+                let r = timed(
+                    Duration::from_secs(5),
+                    kv.get(pb::GetRequest {
+                        key: b"idem/counter".to_vec(),
+                        read: read_opts(pb::Consistency::Linearizable, 0),
+                    }),
+                )
+                .await;
+                let mut c = inv;
+                match r {
+                    Ok(resp) => {
+                        c.kind = Kind::Ok;
+                        c.version = Some(resp.kv.map(|k| k.version).unwrap_or(0));
+                        rec.record(c);
+                        return true;
+                    }
+                    Err(code) => {
+                        c.kind = Kind::Fail;
+                        c.error = err_text(code);
+                        rec.record(c);
+                    }
+                }
+            }
+            Workload::Register | Workload::Session => return true,
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
