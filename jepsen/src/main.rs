@@ -45,6 +45,9 @@ struct Common {
     /// Bound on the linearizability search per key, in seconds (past it: `unknown`).
     #[arg(long, default_value_t = 60)]
     check_budget_s: u64,
+    /// Apply the nemesis faults in the order given, round-robin (default: drawn by the seed).
+    #[arg(long)]
+    cycle: bool,
     /// Nodes on 127.0.0.1 with process-level faults only (for machines without root).
     #[arg(long)]
     loopback: bool,
@@ -60,10 +63,10 @@ enum Cmd {
     Run {
         #[arg(long, value_enum)]
         workload: Workload,
-        /// Comma-separated faults or groups: partition, kill, pause, network, all, none, or names
+        /// Comma-separated faults or groups: partitions, kills, pauses, network, all, none, or names
         /// (partition-halves, isolate-leader, bridge, loss, bandwidth, kill, kill-leader, pause,
         /// pause-leader, membership, transfer-storm).
-        #[arg(long, default_value = "partition,kill,pause")]
+        #[arg(long, default_value = "partitions,kills,pauses")]
         nemesis: String,
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -83,7 +86,7 @@ enum Cmd {
         seeds: u64,
         #[arg(long, default_value_t = 1)]
         first_seed: u64,
-        #[arg(long, default_value = "partition,kill,pause")]
+        #[arg(long, default_value = "partitions,kills,pauses")]
         nemesis: String,
         #[arg(long)]
         out: Option<PathBuf>,
@@ -126,6 +129,7 @@ fn opts(c: &Common, workload: Workload, nemesis: &str, seed: u64, out: PathBuf) 
         time_limit: Duration::from_secs(c.time_limit),
         seed,
         nemesis: nemesis::parse_list(nemesis)?,
+        cycle: c.cycle,
         interval: Duration::from_secs(c.interval),
         hold: Duration::from_secs(c.hold),
         out,
@@ -195,6 +199,13 @@ fn real_main() -> Result<ExitCode> {
                     Workload::Session,
                     Workload::Idempotent,
                 ] {
+                    // The short suite gives each workload one partition, one kill and one pause,
+                    // in a fixed order and varied across workloads.
+                    let nemesis = if short {
+                        nemesis::short_plan(w, common.loopback).to_string()
+                    } else {
+                        nemesis.clone()
+                    };
                     let dir = root.join(format!("{w}-{seed}"));
                     let mut cmd = std::process::Command::new(&me);
                     cmd.arg("run")
@@ -213,6 +224,9 @@ fn real_main() -> Result<ExitCode> {
                         .args(["--check-budget-s", &common.check_budget_s.to_string()]);
                     if common.loopback {
                         cmd.arg("--loopback");
+                    }
+                    if common.cycle || short {
+                        cmd.arg("--cycle");
                     }
                     if let Some(b) = &common.bin {
                         cmd.arg("--bin").arg(b);

@@ -87,17 +87,19 @@ impl FromStr for Fault {
     }
 }
 
-/// Parses a comma-separated list of fault names or groups: `partition` (halves, isolate-leader,
-/// bridge), `kill` (kill, kill-leader), `pause` (pause, pause-leader), `network`, `all`, `none`.
+/// Parses a comma-separated list of fault names or groups: `partitions` (halves, isolate-leader,
+/// bridge), `kills` (kill, kill-leader), `pauses` (pause, pause-leader), `network`, `all`, `none`.
 pub fn parse_list(s: &str) -> Result<Vec<Fault>> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let group: Vec<Fault> = match part {
             "none" => vec![],
             "all" => ALL.to_vec(),
-            "partition" => vec![Fault::PartitionHalves, Fault::IsolateLeader, Fault::Bridge],
-            "kill" => vec![Fault::Kill, Fault::KillLeader],
-            "pause" => vec![Fault::Pause, Fault::PauseLeader],
+            "partitions" | "partition" => {
+                vec![Fault::PartitionHalves, Fault::IsolateLeader, Fault::Bridge]
+            }
+            "kills" => vec![Fault::Kill, Fault::KillLeader],
+            "pauses" => vec![Fault::Pause, Fault::PauseLeader],
             "network" => ALL.iter().copied().filter(|f| f.is_network()).collect(),
             "disk-full" | "fsync-fail" => bail!(
                 "nemesis {part:?} is not implemented yet (see jepsen/README.md); refusing to \
@@ -112,6 +114,23 @@ pub fn parse_list(s: &str) -> Result<Vec<Fault>> {
         }
     }
     Ok(out)
+}
+
+/// The short suite's faults per workload: a partition, a kill and a pause (loopback: no
+/// partition, which needs namespaces).
+pub fn short_plan(w: crate::checker::Workload, loopback: bool) -> &'static str {
+    match (w, loopback) {
+        (crate::checker::Workload::Register, false) => "isolate-leader,kill-leader,pause",
+        (crate::checker::Workload::Set, false) => "partition-halves,kill,pause-leader",
+        (crate::checker::Workload::Session, false) => "bridge,kill-leader,pause",
+        (crate::checker::Workload::Idempotent, false) => "isolate-leader,kill,pause-leader",
+        (crate::checker::Workload::Register | crate::checker::Workload::Session, true) => {
+            "kill-leader,pause,kill"
+        }
+        (crate::checker::Workload::Set | crate::checker::Workload::Idempotent, true) => {
+            "kill,pause-leader,kill-leader"
+        }
+    }
 }
 
 /// One fault window on the timeline.
@@ -195,15 +214,20 @@ impl Nemesis {
         lock(&self.env).nodes.iter().position(|n| n.id == id)
     }
 
-    /// Runs the schedule until `until`, returning the fault windows.
-    pub fn run(&mut self, faults: &[Fault], until: Instant) -> Vec<Window> {
+    /// Runs the schedule until `until`, returning the fault windows. `cycle`: apply the faults
+    /// in the order given, round-robin, instead of drawing them at random.
+    pub fn run(&mut self, faults: &[Fault], cycle: bool, until: Instant) -> Vec<Window> {
         let mut windows = Vec::new();
         if faults.is_empty() {
             return windows;
         }
         while Instant::now() + self.interval + self.hold < until {
             std::thread::sleep(self.interval);
-            let f = faults[self.rng.gen_range(0..faults.len())];
+            let f = if cycle {
+                faults[windows.len() % faults.len()]
+            } else {
+                faults[self.rng.gen_range(0..faults.len())]
+            };
             let start_ns = self.now_ns();
             let detail = match self.start(f) {
                 Ok(d) => d,
@@ -397,8 +421,12 @@ mod tests {
 
     #[test]
     fn lists_parse_with_groups_and_refuse_unknowns() {
-        let l = parse_list("partition,kill,pause").unwrap();
+        let l = parse_list("partitions,kills,pauses").unwrap();
         assert_eq!(l.len(), 7);
+        assert_eq!(
+            parse_list("kill,pause").unwrap(),
+            vec![Fault::Kill, Fault::Pause]
+        );
         assert_eq!(parse_list("all").unwrap().len(), ALL.len());
         assert!(parse_list("none").unwrap().is_empty());
         assert_eq!(parse_list("loss,loss").unwrap(), vec![Fault::Loss]);

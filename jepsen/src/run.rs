@@ -31,6 +31,8 @@ pub struct RunOpts {
     pub time_limit: Duration,
     pub seed: u64,
     pub nemesis: Vec<Fault>,
+    /// Apply the faults in order, round-robin, rather than at random.
+    pub cycle: bool,
     pub interval: Duration,
     pub hold: Duration,
     pub out: PathBuf,
@@ -74,6 +76,12 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
     } else {
         Mode::Netns
     };
+    if mode == Mode::Netns && !env::is_root() {
+        bail!(
+            "network namespaces need root; run as root, or pass --loopback for process-level \
+             faults only"
+        );
+    }
     if mode == Mode::Loopback {
         let net: Vec<String> = o
             .nemesis
@@ -174,7 +182,7 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
         o.interval,
         o.hold,
     );
-    let windows = nemesis.run(&o.nemesis, until);
+    let windows = nemesis.run(&o.nemesis, o.cycle, until);
     rt.block_on(async {
         for t in tasks {
             let _ = t.await;

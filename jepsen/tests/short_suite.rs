@@ -1,0 +1,184 @@
+//! The short suite CI runs: every workload against a real 3-node cluster under a partition, a
+//! kill and a pause (in network namespaces when root; on loopback with process faults only
+//! otherwise), each history checked. Plus the harness's own refusals.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+use metaraft_jepsen::checker::Workload;
+use metaraft_jepsen::nemesis::short_plan;
+
+/// One cluster at a time: the runs share namespace names and ports.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn harness() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_metaraft-jepsen"))
+}
+
+fn metaraft() -> PathBuf {
+    let bin = harness().with_file_name("metaraft");
+    assert!(
+        bin.exists(),
+        "{} missing: run the workspace tests (cargo test --workspace) so it is built",
+        bin.display()
+    );
+    bin
+}
+
+fn root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run_workload(w: Workload) {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let loopback = !root();
+    let plan = short_plan(w, loopback);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut cmd = Command::new(harness());
+    cmd.arg("run")
+        .args(["--workload", &w.to_string(), "--nemesis", plan, "--cycle"])
+        .args(["--time-limit", "20", "--seed", "7"])
+        .arg("--bin")
+        .arg(metaraft())
+        .arg("--out")
+        .arg(&out);
+    if loopback {
+        cmd.arg("--loopback");
+    }
+    let o = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    println!("{stdout}");
+    let summary: serde_json::Value = match std::fs::read(out.join("summary.json")) {
+        Ok(b) => serde_json::from_slice(&b).unwrap(),
+        Err(e) => panic!("no summary ({e}); stdout: {stdout}\nstderr: {stderr}"),
+    };
+    let keep = || {
+        // Leave the evidence where a human can find it.
+        let kept = std::env::temp_dir().join(format!("metaraft-jepsen-failed-{w}"));
+        let _ = std::fs::remove_dir_all(&kept);
+        let _ = Command::new("cp").arg("-r").arg(&out).arg(&kept).status();
+        kept
+    };
+    if !o.status.success() || summary["valid"] != "true" {
+        panic!(
+            "{w}: {summary:#}\nstderr: {stderr}\nrun kept in {}",
+            keep().display()
+        );
+    }
+    // The faults really happened, in the planned order.
+    let timeline: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(out.join("timeline.json")).unwrap()).unwrap();
+    let names: Vec<&str> = timeline
+        .iter()
+        .filter_map(|w| w["fault"].as_str())
+        .collect();
+    let planned: Vec<&str> = plan.split(',').collect();
+    assert_eq!(names, planned, "{timeline:#?}");
+    for win in &timeline {
+        let d = win["detail"].as_str().unwrap_or("");
+        assert!(!d.contains("could not"), "a fault did not apply: {d}");
+    }
+    // The clients did real work, and the replicas agree.
+    let ok: u64 = summary["counts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|c| c["ok"].as_u64().unwrap())
+        .sum();
+    assert!(ok > 200, "only {ok} operations succeeded: {summary:#}");
+    assert_eq!(summary["replicas_equal"], true);
+    for f in ["history.jsonl", "latency.svg", "n1/log.txt"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    // The saved history re-checks offline to the same verdict.
+    let c = Command::new(harness())
+        .arg("check")
+        .arg(out.join("history.jsonl"))
+        .args(["--workload", &w.to_string()])
+        .output()
+        .unwrap();
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stdout));
+}
+
+#[test]
+fn register_under_partition_kill_pause() {
+    run_workload(Workload::Register);
+}
+
+#[test]
+fn set_under_partition_kill_pause() {
+    run_workload(Workload::Set);
+}
+
+#[test]
+fn session_under_partition_kill_pause() {
+    run_workload(Workload::Session);
+}
+
+#[test]
+fn idempotent_under_partition_kill_pause() {
+    run_workload(Workload::Idempotent);
+}
+
+#[test]
+fn network_faults_are_refused_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(harness())
+        .args([
+            "run",
+            "--workload",
+            "set",
+            "--nemesis",
+            "partition",
+            "--loopback",
+        ])
+        .arg("--out")
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("unsupported in loopback mode"), "{e}");
+}
+
+#[test]
+fn unimplemented_and_unknown_nemeses_are_refused() {
+    for (n, want) in [
+        ("fsync-fail", "not implemented"),
+        ("flood", "unknown nemesis"),
+    ] {
+        let o = Command::new(harness())
+            .args(["run", "--workload", "set", "--nemesis", n])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(3));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{n}: {e}");
+    }
+}
+
+#[test]
+fn namespaces_need_root() {
+    if !root() {
+        return run_as_nonroot_check(Command::new(harness()));
+    }
+    // As root, drop to nobody to see the refusal.
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(harness());
+    run_as_nonroot_check(c);
+}
+
+fn run_as_nonroot_check(mut c: Command) {
+    let o = c
+        .args(["run", "--workload", "set", "--out", "/nonexistent-dir/x"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("need root"), "{e}");
+}
