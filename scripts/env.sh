@@ -7,6 +7,12 @@ command -v protoc >/dev/null 2>&1 || need_pkgs+=(protobuf-compiler)
 # bindgen (for RocksDB's bindings) needs libclang; clang provides the headers it parses with.
 ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_pkgs+=(libclang-dev clang)
 command -v g++ >/dev/null 2>&1 || need_pkgs+=(g++)
+# The jepsen/ harness: namespaces and links (iproute2), partitions and loss (iptables),
+# failing fsync (fiu-utils), small filesystems for the full-disk fault (e2fsprogs).
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
+command -v fiu-run >/dev/null 2>&1 || need_pkgs+=(fiu-utils)
+command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "installing system packages: ${need_pkgs[*]}" >&2
     SUDO=""

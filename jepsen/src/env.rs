@@ -39,10 +39,24 @@ pub struct Node {
     pub initial: bool,
 }
 
+/// Optional fixtures some faults need.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Features {
+    /// Start nodes with libfiu's POSIX preload so fsync can be made to fail at run time.
+    pub fiu: bool,
+    /// Put each node's data directory on its own loop-mounted ext4 of this many MiB.
+    pub disk_mb: Option<u64>,
+}
+
+const FIU_LIBS: &str = "/usr/lib/fiu/fiu_run_preload.so /usr/lib/fiu/fiu_posix_preload.so";
+const FIU_FIFO: &str = "/tmp/fiu-ctrl";
+
 pub struct Env {
     pub mode: Mode,
     pub nodes: Vec<Node>,
     bin: PathBuf,
+    features: Features,
+    mounted: Vec<PathBuf>,
     torn_down: bool,
 }
 
@@ -116,7 +130,22 @@ pub fn enter_client_ns() -> Result<()> {
 impl Env {
     /// Creates the topology for `n` nodes (plus `spare` nodes that start outside the cluster)
     /// under `dir`. Netns mode needs root.
-    pub fn create(mode: Mode, n: usize, spare: usize, dir: &Path, bin: &Path) -> Result<Env> {
+    pub fn create(
+        mode: Mode,
+        n: usize,
+        spare: usize,
+        dir: &Path,
+        bin: &Path,
+        features: Features,
+    ) -> Result<Env> {
+        if features.fiu && !Path::new("/usr/lib/fiu/fiu_posix_preload.so").exists() {
+            bail!(
+                "the fsync-fail fault needs libfiu's preload libraries (apt-get install fiu-utils)"
+            );
+        }
+        if features.disk_mb.is_some() && !is_root() {
+            bail!("the disk-full fault needs root (loop-mounted filesystems)");
+        }
         if mode == Mode::Netns {
             if !is_root() {
                 bail!(
@@ -180,12 +209,27 @@ impl Env {
                 initial: i < n,
             });
         }
-        Ok(Env {
+        let mut env = Env {
             mode,
             nodes,
             bin: bin.to_path_buf(),
+            features,
+            mounted: Vec::new(),
             torn_down: false,
-        })
+        };
+        if let Some(mb) = features.disk_mb {
+            for i in 0..env.nodes.len() {
+                let data = env.nodes[i].data_dir.clone();
+                let img = data.with_file_name("disk.img");
+                std::fs::create_dir_all(&data)?;
+                let (img_s, data_s) = (img.display().to_string(), data.display().to_string());
+                sh(&["truncate", "-s", &format!("{mb}M"), &img_s])?;
+                sh(&["mkfs.ext4", "-q", "-F", "-m", "0", &img_s])?;
+                sh(&["mount", "-o", "loop", &img_s, &data_s])?;
+                env.mounted.push(data);
+            }
+        }
+        Ok(env)
     }
 
     pub fn initial_members(&self) -> String {
@@ -207,11 +251,21 @@ impl Env {
         let mut cmd = match &n.ns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c.args(["netns", "exec", ns]);
                 c
             }
-            None => Command::new(&self.bin),
+            None => Command::new("env"),
         };
+        if self.features.fiu {
+            // Through env(1), which execs: the node keeps the pid we signal and control.
+            if n.ns.is_some() {
+                cmd.arg("env");
+            }
+            cmd.arg(format!("LD_PRELOAD={FIU_LIBS}"))
+                .arg(format!("FIU_CTRL_FIFO={FIU_FIFO}"))
+                .arg("FIU_ENABLE=");
+        }
+        cmd.arg(&self.bin);
         cmd.arg("serve")
             .args(["--node-id", &n.id.to_string()])
             .args(["--client-addr", &n.client_addr])
@@ -300,6 +354,42 @@ impl Env {
         }
     }
 
+    /// Makes every fsync and fdatasync of node `i` fail (EIO-like), or stops doing so.
+    pub fn fsync_fail(&self, i: usize, on: bool) -> Result<()> {
+        if !self.features.fiu {
+            bail!("nodes were not started with libfiu");
+        }
+        let Some(c) = &self.nodes[i].child else {
+            bail!("node {} is not running", self.nodes[i].id);
+        };
+        let cmd = if on {
+            "enable name=posix/io/sync/*"
+        } else {
+            "disable name=posix/io/sync/*"
+        };
+        let pid = c.id().to_string();
+        sh(&["fiu-ctrl", "-f", FIU_FIFO, "-c", cmd, &pid])?;
+        Ok(())
+    }
+
+    /// Fills node `i`'s filesystem to the last block.
+    pub fn fill_disk(&self, i: usize) -> Result<()> {
+        if self.features.disk_mb.is_none() {
+            bail!("nodes have no private filesystems");
+        }
+        let fill = self.nodes[i].data_dir.join("jepsen-fill");
+        // fallocate reports ENOSPC once it has taken every free block: that is the point.
+        let _ = sh(&["fallocate", "-l", "100G", &fill.display().to_string()]);
+        if !fill.exists() {
+            bail!("could not create {}", fill.display());
+        }
+        Ok(())
+    }
+
+    pub fn free_disk(&self, i: usize) {
+        let _ = std::fs::remove_file(self.nodes[i].data_dir.join("jepsen-fill"));
+    }
+
     /// Drops all traffic between each pair (both directions), at the receivers.
     pub fn cut(&self, pairs: &[(usize, usize)]) -> Result<()> {
         for &(a, b) in pairs {
@@ -375,6 +465,13 @@ impl Env {
         self.torn_down = true;
         for i in 0..self.nodes.len() {
             self.kill(i);
+        }
+        for m in std::mem::take(&mut self.mounted) {
+            if let Err(e) = sh(&["umount", &m.display().to_string()]) {
+                eprintln!("teardown: {e:#}");
+            } else {
+                let _ = std::fs::remove_file(m.with_file_name("disk.img"));
+            }
         }
         if self.mode == Mode::Netns {
             if let Err(e) = cleanup_leftovers() {

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::checker::{self, Validity, Workload};
-use crate::env::{self, Env, Mode};
+use crate::env::{self, Env, Features, Mode};
 use crate::history;
 use crate::nemesis::{Fault, Nemesis};
 use crate::plot;
@@ -112,7 +112,11 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
         bail!("output directory {} is not empty", o.out.display());
     }
     std::fs::create_dir_all(&o.out)?;
-    let mut env = Env::create(mode, o.nodes, 0, &o.out, &o.bin)?;
+    let features = Features {
+        fiu: o.nemesis.contains(&Fault::FsyncFail),
+        disk_mb: o.nemesis.contains(&Fault::DiskFull).then_some(256),
+    };
+    let mut env = Env::create(mode, o.nodes, 0, &o.out, &o.bin, features)?;
     if mode == Mode::Netns {
         // Before any thread exists: every client connection then starts inside the namespaces.
         env::enter_client_ns()?;
