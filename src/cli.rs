@@ -40,6 +40,14 @@ pub enum Cmd {
     },
     /// Load generator: throughput and latency percentiles.
     Bench(crate::bench::BenchArgs),
+    /// Backups: create, stream (continuous), verify, list.
+    Backup {
+        #[command(subcommand)]
+        op: crate::backup_cmd::BackupCmd,
+    },
+    /// Rebuild a node's data directory from a backup, to any restorable index or time, as the
+    /// first node of a new cluster lineage.
+    Restore(crate::backup_cmd::RestoreArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -223,6 +231,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Kv { conn, op } => runtime()?.block_on(kv(conn, op)),
         Cmd::Cluster { conn, op } => runtime()?.block_on(cluster(conn, op)),
         Cmd::Bench(a) => runtime()?.block_on(crate::bench::run(a)),
+        Cmd::Backup { op } => crate::backup_cmd::run(op),
+        Cmd::Restore(a) => crate::backup_cmd::restore(a),
     }
 }
 

@@ -8,6 +8,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::pb;
+use crate::pb::backup_client::BackupClient;
 use crate::pb::cluster_client::ClusterClient;
 use crate::pb::kv_client::KvClient;
 
@@ -216,6 +217,33 @@ impl Client {
                 .await
         })
         .await
+    }
+
+    /// A consistent checkpoint of endpoint `i`'s state machine, streamed.
+    pub async fn backup_snapshot(
+        &self,
+        i: usize,
+    ) -> Result<tonic::Streaming<pb::BackupChunk>, ClientError> {
+        let ch = self.channels[i % self.channels.len()].clone();
+        Ok(BackupClient::new(ch)
+            .max_decoding_message_size(8 << 20)
+            .snapshot(pb::BackupSnapshotRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Committed log entries of endpoint `i` from `from_index` on, as they commit.
+    pub async fn tail_log(
+        &self,
+        i: usize,
+        from_index: u64,
+    ) -> Result<tonic::Streaming<pb::LogRecord>, ClientError> {
+        let ch = self.channels[i % self.channels.len()].clone();
+        Ok(BackupClient::new(ch)
+            .max_decoding_message_size(64 << 20)
+            .tail_log(pb::TailLogRequest { from_index })
+            .await?
+            .into_inner())
     }
 
     pub async fn transfer_leader(

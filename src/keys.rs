@@ -25,6 +25,9 @@ pub const LOG_PURGED: &[u8] = b"p";
 pub const SM_DATA: u8 = b'd';
 pub const SM_META_LAST_APPLIED: &[u8] = b"mlast_applied";
 pub const SM_META_MEMBERSHIP: &[u8] = b"mmembership";
+/// The cluster's lineage id: set by the first membership entry applied, replaced by restore and
+/// DR promotion (which start a new lineage).
+pub const SM_META_CLUSTER_ID: &[u8] = b"mcluster_id";
 pub const SM_DEDUP: u8 = b'r';
 pub const SM_DEDUP_QUEUE: u8 = b'q';
 

@@ -15,9 +15,11 @@
 //! config.rs          TOML config with documented defaults and validate()
 //! ops.rs / metrics.rs HTTP ops port: /healthz, /readyz, /metrics
 //! client.rs          client library used by the CLI, the bench tool and tests
+//! backup/            backup files (bases, log segments), verify, list, restore; no gRPC
 //! ```
 
 pub mod api;
+pub mod backup;
 pub mod client;
 pub mod config;
 pub mod consensus;

@@ -1,5 +1,6 @@
 //! The `metaraft` binary: parse the command line and hand over to `cli`.
 
+mod backup_cmd;
 mod bench;
 mod cli;
 

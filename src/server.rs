@@ -89,7 +89,7 @@ impl Server {
             self_id: config.node_id,
             pool: pool.clone(),
         };
-        let raft = Raft::new(config.node_id, rcfg, factory, log, sm.clone())
+        let raft = Raft::new(config.node_id, rcfg, factory, log.clone(), sm.clone())
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
         let node = Arc::new(Consensus {
@@ -129,12 +129,17 @@ impl Server {
         let kv = crate::pb::kv_server::KvServer::new(Api { node: node.clone() })
             .max_decoding_message_size(max_req);
         let cluster = crate::pb::cluster_server::ClusterServer::new(Api { node: node.clone() });
+        let backup = crate::pb::backup_server::BackupServer::new(crate::api::backup::BackupApi {
+            node: node.clone(),
+            log,
+        });
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .add_service(kv)
                 .add_service(cluster)
+                .add_service(backup)
                 .serve_with_incoming_shutdown(client_l, async move {
                     let _ = rx.changed().await;
                 })

@@ -1,8 +1,9 @@
-//! Public gRPC services on the client port: `Kv` and `Cluster`.
+//! Public gRPC services on the client port: `Kv`, `Cluster` and `Backup` (backup.rs).
 //!
 //! Requests are validated here (sizes, empty keys, unknown enum values), turned into one Raft
 //! command per write, and answered with the revision. Errors go through [`status`].
 
+pub mod backup;
 pub mod status;
 
 use std::sync::Arc;

@@ -23,6 +23,8 @@ pub enum ApiError {
     Storage(#[from] StorageError),
     #[error("{0}")]
     Internal(String),
+    #[error("log entry {from} was already purged (the log now starts at {first}); take a new base backup")]
+    Purged { from: u64, first: u64 },
 }
 
 impl From<ApiError> for Status {
@@ -42,6 +44,7 @@ impl From<ApiError> for Status {
             },
             ApiError::Storage(_) => (Code::Internal, "MR-STORAGE"),
             ApiError::Internal(_) => (Code::Internal, "MR-INTERNAL"),
+            ApiError::Purged { .. } => (Code::FailedPrecondition, "MR-BACKUP-PURGED"),
         };
         Status::new(code, format!("[{tag}] {e}"))
     }

@@ -96,6 +96,47 @@ impl LogStore {
         }
     }
 
+    /// Starts a new cluster lineage in an empty log directory: the log is purged up to `applied`
+    /// (the state machine already holds it), `first` (a membership entry) follows it, and `vote`
+    /// is saved. Used by restore and DR promotion. Everything is synced before it returns.
+    pub fn bootstrap_lineage(
+        path: &Path,
+        applied: LogId,
+        first: &Entry,
+        vote: &Vote,
+    ) -> Result<(), StorageError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        let db = DB::open(&opts, path).map_err(StorageError::rocks("open log"))?;
+        let mut batch = WriteBatch::default();
+        batch.put(keys::LOG_PURGED, enc("last purged", &applied)?);
+        batch.delete_range(&keys::log_entry(0)[..], &[keys::LOG_ENTRY + 1][..]);
+        batch.put(
+            keys::log_entry(first.log_id.index),
+            enc("log entry", first)?,
+        );
+        batch.put(keys::LOG_VOTE, enc("vote", vote)?);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(batch, &wo)
+            .map_err(StorageError::rocks("bootstrap lineage"))?;
+        Ok(())
+    }
+
+    /// The first index still in the log (entries before it were purged), if any entry exists.
+    pub fn first_index(&self) -> Result<Option<u64>, StorageError> {
+        let mut it = self
+            .db()
+            .iterator(IteratorMode::From(&keys::log_entry(0), Direction::Forward));
+        match it.next() {
+            None => Ok(None),
+            Some(r) => {
+                let (k, _) = r.map_err(StorageError::rocks("iterate log"))?;
+                Ok(keys::log_entry_index(&k))
+            }
+        }
+    }
+
     pub fn read_entries(&self, start: u64, end_exclusive: u64) -> Result<Vec<Entry>, StorageError> {
         let mut out = Vec::new();
         if start >= end_exclusive {

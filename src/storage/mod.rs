@@ -14,7 +14,9 @@ mod sm_store;
 use std::path::PathBuf;
 
 pub use log_store::LogStore;
-pub use sm_store::{SnapshotDir, StateMachineStore, StoredValue, SNAPSHOT_META_FILE};
+pub use sm_store::{
+    checkpoint_meta_and_hash, SnapshotDir, StateMachineStore, StoredValue, SNAPSHOT_META_FILE,
+};
 
 /// Storage-layer errors. They carry what failed and where.
 #[derive(Debug, thiserror::Error)]

@@ -110,7 +110,9 @@ impl StateMachineStore {
             name.starts_with("sm-") && name != format!("sm-{gen}")
         });
         cleanup_dir(&snaps, |name| {
-            name.starts_with("incoming-") || name.starts_with("building-")
+            name.starts_with("incoming-")
+                || name.starts_with("building-")
+                || name.starts_with("backup-")
         });
 
         let applied = read_last_applied(&db)?.map(|l| l.index).unwrap_or(0);
@@ -243,15 +245,107 @@ impl StateMachineStore {
                 .map(|l| l.index)
                 .unwrap_or(0),
         };
-        let mut h = crc32fast::Hasher::new();
-        for r in snap.iterator(IteratorMode::Start) {
-            let (k, v) = r.map_err(StorageError::rocks("hash"))?;
-            h.update(&(k.len() as u64).to_le_bytes());
-            h.update(&k);
-            h.update(&(v.len() as u64).to_le_bytes());
-            h.update(&v);
+        Ok((applied, hash_iter(snap.iterator(IteratorMode::Start))?))
+    }
+
+    /// A consistent checkpoint for a backup, outside the snapshot rotation: its metadata, its
+    /// directory (remove it with [`Self::remove_backup_checkpoint`] when streamed) and the state
+    /// hash of its contents.
+    pub fn backup_checkpoint(&self) -> Result<(SnapshotMeta, PathBuf, u32), StorageError> {
+        let snaps = self.shared.data_dir.join("snapshots");
+        let n = self.shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let dir = snaps.join(format!("backup-{}-{n}", std::process::id()));
+        {
+            let db = self.db();
+            let cp = Checkpoint::new(&db).map_err(StorageError::rocks("checkpoint"))?;
+            cp.create_checkpoint(&dir)
+                .map_err(StorageError::rocks("create checkpoint"))?;
         }
-        Ok((applied, h.finalize()))
+        let (meta, hash) = checkpoint_meta_and_hash(&dir)?;
+        Ok((meta, dir, hash))
+    }
+
+    pub fn remove_backup_checkpoint(&self, dir: &Path) {
+        let snaps = self.shared.data_dir.join("snapshots");
+        if dir.starts_with(&snaps) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// Creates the state machine of an empty `data_dir` from checkpoint files (a backup's base).
+    /// Open it afterwards with [`Self::open`].
+    pub fn seed_from_checkpoint(
+        data_dir: &Path,
+        files_dir: &Path,
+        skip: &[&str],
+    ) -> Result<(), StorageError> {
+        let gen_dir = data_dir.join("sm-0");
+        std::fs::create_dir_all(&gen_dir).map_err(StorageError::io("create", &gen_dir))?;
+        let entries = std::fs::read_dir(files_dir).map_err(StorageError::io("read", files_dir))?;
+        for e in entries {
+            let e = e.map_err(StorageError::io("read", files_dir))?;
+            let name = e.file_name();
+            if name == SNAPSHOT_META_FILE || skip.iter().any(|n| name == *n) || !e.path().is_file()
+            {
+                continue;
+            }
+            let to = gen_dir.join(&name);
+            std::fs::copy(e.path(), &to).map_err(StorageError::io("copy", &to))?;
+            std::fs::File::open(&to)
+                .and_then(|f| f.sync_all())
+                .map_err(StorageError::io("fsync", &to))?;
+        }
+        sync_dir(&gen_dir)?;
+        write_current(data_dir, 0)?;
+        Ok(())
+    }
+
+    /// Applies entries outside Raft (restore's replay of backed-up log records): the same apply
+    /// code, so the resulting state equals a replica's at the same index.
+    pub async fn apply_entries(
+        &mut self,
+        entries: Vec<crate::raft_types::Entry>,
+    ) -> Result<(), StorageError> {
+        let s = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
+        self.apply(s).await.map_err(|e| StorageError::Io {
+            op: "apply",
+            path: self.shared.data_dir.clone(),
+            source: e,
+        })
+    }
+
+    /// Builds a snapshot now (so nodes joining a restored cluster can be sent one).
+    pub async fn snapshot_now(&self) -> Result<SnapshotMeta, StorageError> {
+        let _g = self.shared.snapshot_lock.lock().await;
+        Ok(self.build_checkpoint()?.0)
+    }
+
+    /// The cluster lineage id ("" before the first membership entry is applied).
+    pub fn cluster_id(&self) -> Result<String, StorageError> {
+        Ok(self
+            .db()
+            .get(keys::SM_META_CLUSTER_ID)
+            .map_err(StorageError::rocks("get cluster id"))?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default())
+    }
+
+    /// Starts a new lineage (restore, DR promotion): a fresh random cluster id, synced.
+    pub fn new_lineage(&self, seed: &[u8]) -> Result<String, StorageError> {
+        let mut material = seed.to_vec();
+        material.extend_from_slice(&rand::random::<u64>().to_le_bytes());
+        let id = lineage_id(&material);
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db()
+            .put_opt(keys::SM_META_CLUSTER_ID, id.as_bytes(), &wo)
+            .map_err(StorageError::rocks("set cluster id"))?;
+        Ok(id)
+    }
+
+    pub fn last_applied(&self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let db = self.db();
+        Ok((read_last_applied(&db)?, Self::read_membership(&db)?))
     }
 
     /// Applies one entry into `batch`, recording its mutations in `overlay` so later entries of
@@ -283,6 +377,22 @@ impl StateMachineStore {
             EntryPayload::Membership(m) => {
                 let sm = StoredMembership::new(Some(entry.log_id), m.clone());
                 batch.put(keys::SM_META_MEMBERSHIP, enc("membership", &sm)?);
+                let has_id = match overlay.get(keys::SM_META_CLUSTER_ID) {
+                    Some(v) => v.is_some(),
+                    None => db
+                        .get(keys::SM_META_CLUSTER_ID)
+                        .map_err(StorageError::rocks("get cluster id"))?
+                        .is_some(),
+                };
+                if !has_id {
+                    // Deterministic on every replica: derived from the first membership entry.
+                    let id = lineage_id(&enc("membership", &sm)?);
+                    overlay.insert(
+                        keys::SM_META_CLUSTER_ID.to_vec(),
+                        Some(id.clone().into_bytes()),
+                    );
+                    batch.put(keys::SM_META_CLUSTER_ID, id.into_bytes());
+                }
                 Response::None { revision: index }
             }
         };
@@ -541,6 +651,42 @@ fn list_snapshots(snaps: &Path) -> Vec<PathBuf> {
         }
     }
     v
+}
+
+/// A cluster lineage id: 16 hex digits derived from `material`.
+fn lineage_id(material: &[u8]) -> String {
+    let a = crc32fast::hash(material) as u64;
+    let mut h = crc32fast::Hasher::new_with_initial(0x9e37_79b9);
+    h.update(material);
+    format!("{:016x}", (a << 32) | h.finalize() as u64)
+}
+
+/// The metadata and state hash of a checkpoint directory.
+pub fn checkpoint_meta_and_hash(dir: &Path) -> Result<(SnapshotMeta, u32), StorageError> {
+    let ro = DB::open_for_read_only(&Options::default(), dir, false)
+        .map_err(StorageError::rocks("open checkpoint"))?;
+    let meta = SnapshotMeta {
+        last_log_id: read_last_applied(&ro)?,
+        last_membership: StateMachineStore::read_membership(&ro)?,
+    };
+    let hash = hash_iter(ro.iterator(IteratorMode::Start))?;
+    Ok((meta, hash))
+}
+
+/// CRC32 over every (key, value), length-prefixed, in key order: the state hash.
+fn hash_iter<I>(iter: I) -> Result<u32, StorageError>
+where
+    I: Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
+{
+    let mut h = crc32fast::Hasher::new();
+    for r in iter {
+        let (k, v) = r.map_err(StorageError::rocks("hash"))?;
+        h.update(&(k.len() as u64).to_le_bytes());
+        h.update(&k);
+        h.update(&(v.len() as u64).to_le_bytes());
+        h.update(&v);
+    }
+    Ok(h.finalize())
 }
 
 fn latest_snapshot(snaps: &Path) -> Result<Option<(SnapshotMeta, PathBuf)>, StorageError> {

@@ -74,7 +74,8 @@ impl TestCluster {
         c
     }
 
-    fn add_spec(&mut self, id: u64, initial: bool) -> usize {
+    /// Reserves ports and directories for a node without starting it (see `spawn`).
+    pub fn add_spec(&mut self, id: u64, initial: bool) -> usize {
         let d = self.dir.path().join(format!("node{id}"));
         std::fs::create_dir_all(&d).expect("mkdir");
         self.nodes.push(NodeSpec {
