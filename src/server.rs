@@ -84,7 +84,7 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let log = LogStore::open(&config.data_dir.join("log"), metrics.clone())?;
         let sm = StateMachineStore::open(&config.data_dir, config.raft.dedup_window)?;
-        let pool = Arc::new(PeerPool::default());
+        let pool = Arc::new(PeerPool::new(sm.lineage()));
         let factory = NetworkFactory {
             self_id: config.node_id,
             pool: pool.clone(),
@@ -107,10 +107,12 @@ impl Server {
         node.spawn_watchers(shutdown_rx.clone());
         let mut tasks = Vec::new();
 
-        let peer_svc =
+        let peer_svc = tonic::service::interceptor::InterceptedService::new(
             crate::pb::peer::peer_server::PeerServer::new(PeerService { node: node.clone() })
                 .max_decoding_message_size(MAX_PEER_MESSAGE)
-                .max_encoding_message_size(MAX_PEER_MESSAGE);
+                .max_encoding_message_size(MAX_PEER_MESSAGE),
+            crate::net::CheckLineage(node.sm.lineage()),
+        );
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()

@@ -2,14 +2,13 @@
 //! records after it replayed through the same apply code), check it against the recorded state
 //! hash, and bootstrap a new cluster lineage from it that other nodes then join.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::{segment, verify, BackupError, BaseManifest};
-use crate::raft_types::{decode, Entry, LogId, Membership, Node, Vote};
-use crate::storage::{LogStore, StateMachineStore};
+use crate::raft_types::{decode, Entry, Node};
+use crate::storage::StateMachineStore;
 
 #[derive(Clone, Debug)]
 pub struct RestoreOpts {
@@ -35,6 +34,8 @@ pub struct RestoreReport {
     pub cluster_id: String,
     pub replayed_entries: u64,
     pub seconds: f64,
+    /// Where the new lineage's revisions start (the next epoch).
+    pub first_index: u64,
 }
 
 fn dir_is_empty(p: &Path) -> Result<bool, BackupError> {
@@ -188,48 +189,24 @@ pub async fn restore(o: &RestoreOpts) -> Result<RestoreReport, BackupError> {
         )));
     }
 
-    // A new lineage: new cluster id, a log that starts after the restored index with this node
-    // as the only voter, at a higher term. Revisions continue from the restored index.
-    let (applied, _) = sm.last_applied()?;
-    let applied: LogId =
-        applied.ok_or_else(|| BackupError::Refused("the backup is empty".into()))?;
-    let cluster_id = sm.new_lineage(format!("{}/{}", manifest.cluster_id, restored).as_bytes())?;
-    let term = applied.leader_id.term + 1;
-    let nodes: BTreeMap<u64, Node> = [(
+    // A new lineage: new cluster id, the next revision epoch, this node the only voter.
+    let lineage = crate::storage::start_new_lineage(
+        &sm,
+        &o.data_dir.join("log"),
         o.node_id,
         Node {
             peer_addr: o.peer_addr.clone(),
             client_addr: o.client_addr.clone(),
         },
-    )]
-    .into_iter()
-    .collect();
-    let membership = Membership::new(vec![BTreeSet::from([o.node_id])], nodes)
-        .map_err(|e| BackupError::Refused(format!("membership: {e}")))?;
-    let first = Entry {
-        log_id: openraft::LogId::new(
-            openraft::impls::leader_id_adv::LeaderId {
-                term,
-                node_id: o.node_id,
-            },
-            restored + 1,
-        ),
-        payload: openraft::EntryPayload::Membership(membership),
-    };
-    LogStore::bootstrap_lineage(
-        &o.data_dir.join("log"),
-        applied,
-        &first,
-        &Vote::new_committed(term, o.node_id),
-    )?;
-    // A snapshot, so nodes that join the restored cluster can be sent the state.
-    sm.snapshot_now().await?;
+    )
+    .await?;
     Ok(RestoreReport {
         base_index: r.base_index,
         restored_index: restored,
         state_hash,
         previous_cluster_id: manifest.cluster_id,
-        cluster_id,
+        cluster_id: lineage.cluster_id,
+        first_index: lineage.first_index,
         replayed_entries: replayed,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -53,9 +53,75 @@ pub const MAX_PEER_MESSAGE: usize = 64 << 20;
 #[derive(Default)]
 pub struct PeerPool {
     channels: Mutex<HashMap<String, Channel>>,
+    /// This node's cluster lineage id, stamped on every outgoing peer request (shared with the
+    /// state machine, which updates it).
+    pub lineage: Lineage,
 }
 
+/// The cluster lineage id cell: empty until the first membership entry is applied.
+pub type Lineage = std::sync::Arc<std::sync::RwLock<String>>;
+
+/// gRPC metadata key carrying the sender's lineage on peer requests.
+pub const LINEAGE_HEADER: &str = "x-metaraft-cluster";
+
+/// Adds the lineage header to each request.
+#[derive(Clone)]
+pub struct StampLineage(Lineage);
+
+impl tonic::service::Interceptor for StampLineage {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let id = match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        if !id.is_empty() {
+            if let Ok(v) = id.parse() {
+                req.metadata_mut().insert(LINEAGE_HEADER, v);
+            }
+        }
+        Ok(req)
+    }
+}
+
+/// Server side: refuses peer requests stamped with another lineage (a node of the old cluster
+/// after a DR promotion or a restore). Requests without a stamp (a node that has not yet applied
+/// any membership) and nodes without a lineage yet accept.
+#[derive(Clone)]
+pub struct CheckLineage(pub Lineage);
+
+impl tonic::service::Interceptor for CheckLineage {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(theirs) = req.metadata().get(LINEAGE_HEADER) else {
+            return Ok(req);
+        };
+        let theirs = theirs.to_str().unwrap_or("");
+        let ours = match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        if !ours.is_empty() && !theirs.is_empty() && theirs != ours {
+            tracing::warn!(theirs, ours = %ours, "refused a peer request from another cluster lineage");
+            return Err(tonic::Status::failed_precondition(format!(
+                "[MR-LINEAGE] request from cluster {theirs}, but this node belongs to cluster \
+                 {ours}: nodes of another lineage (the old primary after a DR promotion or a \
+                 restore) are refused"
+            )));
+        }
+        Ok(req)
+    }
+}
+
+pub type PeerConn =
+    PeerClient<tonic::service::interceptor::InterceptedService<Channel, StampLineage>>;
+
 impl PeerPool {
+    pub fn new(lineage: Lineage) -> PeerPool {
+        PeerPool {
+            channels: Mutex::default(),
+            lineage,
+        }
+    }
+
     pub fn channel(&self, addr: &str) -> Result<Channel, NetError> {
         let mut m = match self.channels.lock() {
             Ok(g) => g,
@@ -80,10 +146,12 @@ impl PeerPool {
         Ok(ch)
     }
 
-    pub fn client(&self, addr: &str) -> Result<PeerClient<Channel>, NetError> {
-        Ok(PeerClient::new(self.channel(addr)?)
-            .max_decoding_message_size(MAX_PEER_MESSAGE)
-            .max_encoding_message_size(MAX_PEER_MESSAGE))
+    pub fn client(&self, addr: &str) -> Result<PeerConn, NetError> {
+        Ok(
+            PeerClient::with_interceptor(self.channel(addr)?, StampLineage(self.lineage.clone()))
+                .max_decoding_message_size(MAX_PEER_MESSAGE)
+                .max_encoding_message_size(MAX_PEER_MESSAGE),
+        )
     }
 
     /// Sends a bincode-encoded request as a `Blob` and decodes the answer.
@@ -97,7 +165,7 @@ impl PeerPool {
     where
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
-        F: FnOnce(PeerClient<Channel>, Blob) -> Fut,
+        F: FnOnce(PeerConn, Blob) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Blob>, tonic::Status>>,
     {
         let data = encode(req).map_err(|e| NetError::Codec {
@@ -196,7 +264,7 @@ impl PeerNetwork {
     where
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
-        F: FnOnce(PeerClient<Channel>, Blob) -> Fut,
+        F: FnOnce(PeerConn, Blob) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Blob>, tonic::Status>>,
     {
         self.guard_self()?;

@@ -9,10 +9,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use super::NetError;
-use crate::pb::peer::peer_client::PeerClient;
 use crate::pb::peer::{snapshot_chunk, FileChunk, FileEntry, SnapshotChunk, SnapshotManifest};
 use crate::raft_types::{decode, encode, SnapshotMeta, TypeConfig, Vote};
 use crate::storage::SnapshotDir;
@@ -59,7 +57,7 @@ pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<(FileEntry, PathBuf)>> 
 
 /// Streams `snapshot` to a peer and returns its answer.
 pub async fn send(
-    mut client: PeerClient<Channel>,
+    mut client: super::PeerConn,
     addr: String,
     vote: Vote,
     snapshot: openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir>,

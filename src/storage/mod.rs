@@ -8,11 +8,13 @@
 //!
 //! Key layouts live in [`crate::keys`].
 
+mod lineage;
 mod log_store;
 mod sm_store;
 
 use std::path::PathBuf;
 
+pub use lineage::{next_epoch_start, start_new_lineage, NewLineage, EPOCH_BITS};
 pub use log_store::LogStore;
 pub use sm_store::{
     checkpoint_meta_and_hash, SnapshotDir, StateMachineStore, StoredValue, SNAPSHOT_META_FILE,
@@ -46,6 +48,8 @@ pub enum StorageError {
     Fsm(#[from] crate::fsm::FsmError),
     #[error("snapshot {path}: {reason}")]
     Snapshot { path: PathBuf, reason: String },
+    #[error("cannot start a new lineage: {0}")]
+    Lineage(String),
 }
 
 impl StorageError {

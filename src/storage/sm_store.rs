@@ -54,6 +54,9 @@ struct Shared {
     snapshot_seq: AtomicU64,
     /// Serialises snapshot builds and installs.
     snapshot_lock: tokio::sync::Mutex<()>,
+    /// The cluster lineage id, kept in step with the stored one (the network stamps it on
+    /// every peer request and refuses requests from other lineages).
+    lineage: Arc<std::sync::RwLock<String>>,
 }
 
 /// The openraft state machine over RocksDB. Clones share the same store.
@@ -118,6 +121,11 @@ impl StateMachineStore {
         let applied = read_last_applied(&db)?.map(|l| l.index).unwrap_or(0);
         let (applied_tx, _) = watch::channel(applied);
         let current = latest_snapshot(&snaps)?;
+        let lineage = db
+            .get(keys::SM_META_CLUSTER_ID)
+            .map_err(StorageError::rocks("get cluster id"))?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
         let store = StateMachineStore {
             shared: Arc::new(Shared {
                 data_dir: data_dir.to_path_buf(),
@@ -128,6 +136,7 @@ impl StateMachineStore {
                 current_snapshot: Mutex::new(current),
                 snapshot_seq: AtomicU64::new(0),
                 snapshot_lock: tokio::sync::Mutex::new(()),
+                lineage: Arc::new(std::sync::RwLock::new(lineage)),
             }),
         };
         Ok(store)
@@ -320,6 +329,39 @@ impl StateMachineStore {
         Ok(self.build_checkpoint()?.0)
     }
 
+    /// Moves the recorded applied index forward to `to` without changing any data: a new
+    /// lineage skips to its epoch's first index so revisions never go backwards for clients.
+    pub fn rebase_applied(&self, to: LogId) -> Result<(), StorageError> {
+        // Applies skip the WAL: make everything applied so far durable before moving the mark.
+        self.db()
+            .flush()
+            .map_err(StorageError::rocks("flush state machine"))?;
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db()
+            .put_opt(
+                keys::SM_META_LAST_APPLIED,
+                enc("last applied", &Some(to))?,
+                &wo,
+            )
+            .map_err(StorageError::rocks("rebase applied"))?;
+        self.shared.applied_tx.send_replace(to.index);
+        Ok(())
+    }
+
+    /// The shared lineage cell (see [`Shared::lineage`]).
+    pub fn lineage(&self) -> Arc<std::sync::RwLock<String>> {
+        self.shared.lineage.clone()
+    }
+
+    fn set_lineage(&self, id: &str) {
+        let mut g = match self.shared.lineage.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *g = id.to_string();
+    }
+
     /// The cluster lineage id ("" before the first membership entry is applied).
     pub fn cluster_id(&self) -> Result<String, StorageError> {
         Ok(self
@@ -340,6 +382,7 @@ impl StateMachineStore {
         self.db()
             .put_opt(keys::SM_META_CLUSTER_ID, id.as_bytes(), &wo)
             .map_err(StorageError::rocks("set cluster id"))?;
+        self.set_lineage(&id);
         Ok(id)
     }
 
@@ -391,6 +434,7 @@ impl StateMachineStore {
                         keys::SM_META_CLUSTER_ID.to_vec(),
                         Some(id.clone().into_bytes()),
                     );
+                    self.set_lineage(&id);
                     batch.put(keys::SM_META_CLUSTER_ID, id.into_bytes());
                 }
                 Response::None { revision: index }
@@ -555,6 +599,12 @@ impl StateMachineStore {
         let db = DB::open(&sm_options(), &target)
             .map_err(StorageError::rocks("open installed snapshot"))?;
         let applied = read_last_applied(&db)?;
+        if let Some(id) = db
+            .get(keys::SM_META_CLUSTER_ID)
+            .map_err(StorageError::rocks("get cluster id"))?
+        {
+            self.set_lineage(&String::from_utf8_lossy(&id));
+        }
         if applied != meta.last_log_id {
             return Err(StorageError::Snapshot {
                 path: dir.to_path_buf(),
