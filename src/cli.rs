@@ -48,6 +48,13 @@ pub enum Cmd {
     /// Rebuild a node's data directory from a backup, to any restorable index or time, as the
     /// first node of a new cluster lineage.
     Restore(crate::backup_cmd::RestoreArgs),
+    /// DR replica: status (lag, last contact, snapshots) and promotion after losing the primary.
+    Dr {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        op: DrCmd,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -93,6 +100,10 @@ pub struct ServeArgs {
     /// Initial members as id=peer_host:port, comma separated.
     #[arg(long)]
     pub initial_members: Option<String>,
+    /// Run as a DR replica (config key dr_replica): a permanent learner, promoted only by
+    /// `metaraft dr promote`.
+    #[arg(long)]
+    pub dr_replica: bool,
     /// Override raft.snapshot_logs_since_last.
     #[arg(long)]
     pub snapshot_logs_since_last: Option<u64>,
@@ -233,6 +244,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Bench(a) => runtime()?.block_on(crate::bench::run(a)),
         Cmd::Backup { op } => crate::backup_cmd::run(op),
         Cmd::Restore(a) => crate::backup_cmd::restore(a),
+        Cmd::Dr { conn, op } => runtime()?.block_on(dr(conn, op)),
     }
 }
 
@@ -255,6 +267,9 @@ pub fn build_config(a: &ServeArgs) -> Result<Config> {
     }
     if let Some(v) = &a.data_dir {
         c.data_dir = v.clone();
+    }
+    if a.dr_replica {
+        c.dr_replica = true;
     }
     if let Some(v) = &a.initial_members {
         c.initial_members = Config::parse_members(v)?;
@@ -287,11 +302,31 @@ fn serve(a: ServeArgs) -> Result<ExitCode> {
     let c = build_config(&a)?;
     init_tracing(&a.log)?;
     runtime()?.block_on(async move {
-        let s = metaraft::server::Server::start(c).await?;
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        s.shutdown().await;
-        Ok(ExitCode::SUCCESS)
+        let signal = wait_for_signal();
+        tokio::pin!(signal);
+        loop {
+            let s = metaraft::server::Server::start(c.clone()).await?;
+            let mut promote = s.promote_requested();
+            tokio::select! {
+                _ = &mut signal => {
+                    tracing::info!("shutting down");
+                    s.shutdown().await;
+                    return Ok(ExitCode::SUCCESS);
+                }
+                _ = promote.wait_for(|p| *p) => {}
+            }
+            // DR promotion: stop, turn the data into a new lineage, start again as its voter.
+            tracing::warn!("DR promotion: stopping to start a new cluster lineage");
+            s.shutdown().await;
+            let r = metaraft::server::dr_promote_offline(&c).await?;
+            tracing::warn!(
+                cluster = %r.cluster_id,
+                previous = %r.previous_cluster_id,
+                state_index = r.state_index,
+                first_index = r.first_index,
+                "DR promotion done: restarting as the only voter of the new cluster"
+            );
+        }
     })
 }
 
@@ -535,4 +570,122 @@ async fn cluster(conn: Conn, op: ClusterCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DrCmd {
+    /// Lag of the DR replica at --endpoints: entries, bytes (estimate), time; last contact.
+    Status {
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Promote the DR replica at --endpoints (one endpoint) into a new single-voter cluster.
+    /// Only after the primary site is lost: the old cluster's nodes are refused afterwards.
+    Promote {
+        /// The replica's node id, as a guard against promoting the wrong endpoint.
+        #[arg(long)]
+        node_id: u64,
+        /// Seconds to wait for the promoted node to accept writes.
+        #[arg(long, default_value_t = 60)]
+        wait_s: u64,
+    },
+}
+
+async fn dr(conn: Conn, op: DrCmd) -> Result<ExitCode> {
+    if conn.endpoints.len() != 1 {
+        anyhow::bail!("give exactly one endpoint: the DR replica's client address");
+    }
+    let c = conn.client()?;
+    let mut cc = c.cluster_at(0);
+    match op {
+        DrCmd::Status { output } => {
+            let s = cc.dr_status(pb::DrStatusRequest {}).await?.into_inner();
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "node_id": s.node_id, "dr_replica": s.dr_replica, "role": s.role,
+                        "cluster_id": s.cluster_id, "leader": s.leader, "term": s.term,
+                        "known_commit_index": s.known_commit_index,
+                        "applied_index": s.applied_index, "lag_entries": s.lag_entries,
+                        "lag_bytes": s.lag_bytes, "lag_ms": s.lag_ms,
+                        "last_contact_ms_ago": s.last_contact_ms_ago,
+                        "snapshots_received": s.snapshots_received,
+                    })
+                ),
+                Output::Text => {
+                    println!(
+                        "node {} ({}{}), cluster {}, term {}, leader {}",
+                        s.node_id,
+                        s.role,
+                        if s.dr_replica { ", DR replica" } else { "" },
+                        s.cluster_id,
+                        s.term,
+                        s.leader
+                            .map(|l| l.to_string())
+                            .unwrap_or_else(|| "unknown".into())
+                    );
+                    println!(
+                        "lag: {} entries (~{} bytes), {} ms; applied {} of known commit {}",
+                        s.lag_entries, s.lag_bytes, s.lag_ms, s.applied_index, s.known_commit_index
+                    );
+                    println!(
+                        "last contact from a leader: {}; snapshots received: {}",
+                        if s.last_contact_ms_ago == 0 && s.leader.is_none() {
+                            "never".to_string()
+                        } else {
+                            format!("{} ms ago", s.last_contact_ms_ago)
+                        },
+                        s.snapshots_received
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DrCmd::Promote { node_id, wait_s } => {
+            let t = std::time::Instant::now();
+            let r = cc
+                .dr_promote(pb::DrPromoteRequest { node_id })
+                .await?
+                .into_inner();
+            eprintln!(
+                "promoting node {node_id} (state at index {}, leaving cluster {})",
+                r.state_index, r.previous_cluster_id
+            );
+            let deadline = t + Duration::from_secs(wait_s);
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Only once the node reports the new lineage: a write before that would go to
+                // the old cluster if any of it were still alive.
+                let promoted = match cc.dr_status(pb::DrStatusRequest {}).await {
+                    Ok(s) => {
+                        let s = s.into_inner();
+                        (s.cluster_id != r.previous_cluster_id && !s.cluster_id.is_empty())
+                            .then_some(s.cluster_id)
+                    }
+                    Err(_) => None,
+                };
+                if let Some(cluster) = promoted {
+                    let probe = c
+                        .put(pb::PutRequest {
+                            key: b"metaraft/dr-promoted-at".to_vec(),
+                            value: metaraft::metrics::now_unix_ms().to_string().into_bytes(),
+                            ..Default::default()
+                        })
+                        .await;
+                    if let Ok(p) = probe {
+                        println!(
+                            "promoted: node {node_id} leads new cluster {cluster} (first write at revision {} after {:.2}s)",
+                            p.revision,
+                            t.elapsed().as_secs_f64()
+                        );
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+                if std::time::Instant::now() > deadline {
+                    anyhow::bail!("node {node_id} did not accept writes within {wait_s}s");
+                }
+            }
+        }
+    }
 }

@@ -37,6 +37,9 @@ pub struct Config {
     /// must be given the same map. Empty: the node waits to be added as a learner.
     #[serde(with = "member_map")]
     pub initial_members: BTreeMap<u64, String>,
+    /// Run as a DR replica: a permanent non-voting learner at a backup site, never promoted by
+    /// the cluster, promoted on its own by `metaraft dr promote`. Default false.
+    pub dr_replica: bool,
     pub raft: RaftConfig,
     pub limits: Limits,
 }
@@ -92,6 +95,7 @@ impl Default for Config {
             ops_addr: "127.0.0.1:7201".into(),
             data_dir: PathBuf::from("data"),
             initial_members: BTreeMap::new(),
+            dr_replica: false,
             raft: RaftConfig::default(),
             limits: Limits::default(),
         }
@@ -218,6 +222,14 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "data_dir",
                 reason: "must not be empty".into(),
+            });
+        }
+        if self.dr_replica && !self.initial_members.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "dr_replica",
+                reason: "a DR replica joins as a learner (cluster add-learner); give it no \
+                         initial_members"
+                    .into(),
             });
         }
         for (id, addr) in &self.initial_members {

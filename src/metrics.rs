@@ -67,6 +67,13 @@ pub struct Metrics {
     pub applied_index: AtomicU64,
     pub last_log_index: AtomicU64,
     pub is_leader: AtomicU64,
+    /// Unix ms of the last replication request from a leader (followers, learners, DR replicas).
+    pub last_leader_contact_ms: AtomicU64,
+    /// Unix ms when applied last caught up with the known commit index.
+    pub caught_up_at_ms: AtomicU64,
+    pub snapshots_received: AtomicU64,
+    pub replicated_entries: AtomicU64,
+    pub replicated_bytes: AtomicU64,
     fsync_latency: Histogram,
     fsync_batch: Histogram,
     rpc_latency: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
@@ -81,6 +88,11 @@ impl Default for Metrics {
             applied_index: AtomicU64::new(0),
             last_log_index: AtomicU64::new(0),
             is_leader: AtomicU64::new(0),
+            last_leader_contact_ms: AtomicU64::new(0),
+            caught_up_at_ms: AtomicU64::new(0),
+            snapshots_received: AtomicU64::new(0),
+            replicated_entries: AtomicU64::new(0),
+            replicated_bytes: AtomicU64::new(0),
             fsync_latency: Histogram::new(LATENCY_BUCKETS.len()),
             fsync_batch: Histogram::new(BATCH_BUCKETS.len()),
             rpc_latency: Mutex::new(BTreeMap::new()),
@@ -111,6 +123,32 @@ impl Metrics {
         let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
+        let now = now_unix_ms();
+        let contact = self.last_leader_contact_ms.load(Ordering::Relaxed);
+        gauge(
+            &mut out,
+            "metaraft_leader_contact_age_ms",
+            "Milliseconds since a leader last replicated to this node (0: never).",
+            if contact == 0 {
+                0
+            } else {
+                now.saturating_sub(contact)
+            },
+        );
+        gauge(
+            &mut out,
+            "metaraft_replication_lag_entries",
+            "Known commit index minus applied index on this node.",
+            self.commit_index
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.applied_index.load(Ordering::Relaxed)),
+        );
+        gauge(
+            &mut out,
+            "metaraft_snapshots_received_total",
+            "Snapshots streamed to this node by a leader.",
+            self.snapshots_received.load(Ordering::Relaxed),
+        );
         gauge(
             &mut out,
             "metaraft_term",
@@ -171,6 +209,13 @@ impl Metrics {
         }
         out
     }
+}
+
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

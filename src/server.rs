@@ -99,6 +99,8 @@ impl Server {
             pool,
             metrics,
             config: config.clone(),
+            dr_replica: config.dr_replica && !config.data_dir.join(PROMOTED_MARKER).exists(),
+            promote_requested: tokio::sync::watch::channel(false).0,
             leader_reads: Default::default(),
             reads: Default::default(),
         });
@@ -193,6 +195,11 @@ impl Server {
         })
     }
 
+    /// Fires when a DR promotion was requested over the API.
+    pub fn promote_requested(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.node.promote_requested.subscribe()
+    }
+
     pub async fn shutdown(self) {
         let _ = self.shutdown_tx.send(true);
         if let Err(e) = self.node.raft.shutdown().await {
@@ -203,4 +210,61 @@ impl Server {
         }
         tracing::info!(node = self.node.id, "node stopped");
     }
+}
+
+/// Written into the data directory of a promoted DR replica: it is a voter of its own cluster now,
+/// whatever its config says.
+pub const PROMOTED_MARKER: &str = "PROMOTED";
+
+/// Converts a stopped DR replica's data into the first node of a new lineage: entries it holds
+/// as committed are applied, then `storage::start_new_lineage` (new cluster id, next revision
+/// epoch, this node the only voter), then the marker. Everything the replica had stays.
+pub async fn dr_promote_offline(
+    config: &Config,
+) -> Result<crate::storage::NewLineage, ServerError> {
+    use openraft::storage::RaftLogStorage;
+    let log_dir = config.data_dir.join("log");
+    // The stopped node's stores may take a moment to close.
+    let mut tries = 0;
+    let (log, mut sm) = loop {
+        let r = LogStore::open(&log_dir, Arc::new(Metrics::default())).and_then(|l| {
+            StateMachineStore::open(&config.data_dir, config.raft.dedup_window).map(|s| (l, s))
+        });
+        match r {
+            Ok(x) => break x,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                tracing::debug!(error = %e, "stores still open; waiting");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut l = log.clone();
+    let committed = l
+        .read_committed()
+        .await
+        .map_err(|e| ServerError::Raft(e.to_string()))?
+        .map(|c| c.index)
+        .unwrap_or(0);
+    let applied = sm.applied_index();
+    if committed > applied {
+        let entries = log.read_entries(applied + 1, committed + 1)?;
+        sm.apply_entries(entries).await?;
+    }
+    drop(l);
+    drop(log);
+    let node = Node {
+        peer_addr: config.peer_addr.clone(),
+        client_addr: config.client_addr.clone(),
+    };
+    let r = crate::storage::start_new_lineage(&sm, &log_dir, config.node_id, node).await?;
+    let marker = config.data_dir.join(PROMOTED_MARKER);
+    std::fs::write(&marker, format!("{}\n", r.cluster_id))
+        .and_then(|_| std::fs::File::open(&marker).and_then(|f| f.sync_all()))
+        .map_err(|source| ServerError::DataDir {
+            path: marker.clone(),
+            source,
+        })?;
+    Ok(r)
 }

@@ -495,4 +495,47 @@ impl Cluster for Api {
             ))
         })
     }
+
+    async fn dr_status(
+        &self,
+        _req: Request<pb::DrStatusRequest>,
+    ) -> Result<Response<pb::DrStatusResponse>, Status> {
+        rpc!(self, "DrStatus", async {
+            Ok::<_, ApiError>(self.node.dr_status())
+        })
+    }
+
+    async fn dr_promote(
+        &self,
+        req: Request<pb::DrPromoteRequest>,
+    ) -> Result<Response<pb::DrPromoteResponse>, Status> {
+        let id = req.into_inner().node_id;
+        rpc!(self, "DrPromote", async {
+            if !self.node.dr_replica {
+                return Err(ApiError::NotDr(format!(
+                    "node {} is not a DR replica (serve --dr-replica); refusing to promote it",
+                    self.node.id
+                )));
+            }
+            if id != self.node.id {
+                return Err(ApiError::Invalid(format!(
+                    "node_id {id} given, but this endpoint is node {}",
+                    self.node.id
+                )));
+            }
+            let previous = self.node.sm.cluster_id()?;
+            let state_index = self.node.sm.applied_index();
+            tracing::warn!(node = self.node.id, state_index, "DR promotion requested");
+            let tx = self.node.promote_requested.clone();
+            tokio::spawn(async move {
+                // Let the answer reach the caller before the node restarts.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let _ = tx.send(true);
+            });
+            Ok(pb::DrPromoteResponse {
+                previous_cluster_id: previous,
+                state_index,
+            })
+        })
+    }
 }

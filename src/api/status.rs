@@ -25,6 +25,8 @@ pub enum ApiError {
     Internal(String),
     #[error("log entry {from} was already purged (the log now starts at {first}); take a new base backup")]
     Purged { from: u64, first: u64 },
+    #[error("{0}")]
+    NotDr(String),
 }
 
 impl From<ApiError> for Status {
@@ -45,6 +47,7 @@ impl From<ApiError> for Status {
             ApiError::Storage(_) => (Code::Internal, "MR-STORAGE"),
             ApiError::Internal(_) => (Code::Internal, "MR-INTERNAL"),
             ApiError::Purged { .. } => (Code::FailedPrecondition, "MR-BACKUP-PURGED"),
+            ApiError::NotDr(_) => (Code::FailedPrecondition, "MR-NOTDR"),
         };
         Status::new(code, format!("[{tag}] {e}"))
     }

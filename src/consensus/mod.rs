@@ -94,6 +94,11 @@ pub struct Consensus {
     pub pool: Arc<PeerPool>,
     pub metrics: Arc<Metrics>,
     pub config: Config,
+    /// This node is a DR replica (a permanent learner; see `dr_promote`).
+    pub dr_replica: bool,
+    /// Set by a DR promotion request: the serve loop stops the node, converts its data into a
+    /// new lineage, and starts it again.
+    pub promote_requested: tokio::sync::watch::Sender<bool>,
     /// Coalesces read-index rounds served by this node as leader (local reads and followers' RPCs).
     pub leader_reads: Arc<batch::ReadBatcher>,
     /// Coalesces read-index requests this node makes (to itself or to the leader).
@@ -342,6 +347,9 @@ impl Consensus {
                 .await
                 .map(|r| r.log_id.index),
             AdminRequest::Promote { id } => {
+                if let Err(why) = self.check_promotable(id).await {
+                    return Forwarded::Failed(why);
+                }
                 let ids: BTreeSet<NodeId> = [id].into();
                 self.raft
                     .change_membership(ChangeMembers::AddVoterIds(ids), false)
@@ -398,6 +406,88 @@ impl Consensus {
                 },
                 None => Forwarded::Failed(e.to_string()),
             },
+        }
+    }
+
+    /// A DR replica is never made a voter by the cluster: it is asked, and one that cannot be
+    /// asked is not promoted either.
+    async fn check_promotable(&self, id: NodeId) -> Result<(), String> {
+        let addr = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.peer_addr.clone())
+        };
+        let Some(addr) = addr else {
+            return Err(format!(
+                "node {id} is not a member; add it as a learner first"
+            ));
+        };
+        let mut c = self.pool.client(&addr).map_err(|e| e.to_string())?;
+        let req = crate::pb::peer::NodeStatusRequest { with_hash: false };
+        match tokio::time::timeout(Duration::from_secs(3), c.node_status(req)).await {
+            Ok(Ok(s)) if s.get_ref().dr_replica => Err(format!(
+                "node {id} is a DR replica: it never becomes a voter of this cluster (promote \
+                 it on its own with `metaraft dr promote` after losing the primary site)"
+            )),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) => Err(format!(
+                "cannot confirm node {id} is not a DR replica: {}",
+                s.message()
+            )),
+            Err(_) => Err(format!(
+                "cannot confirm node {id} is not a DR replica: no answer from {addr}"
+            )),
+        }
+    }
+
+    /// Called for every replication request a leader sends this node.
+    pub fn note_replication(&self, entries: usize, bytes: usize) {
+        let m = &self.metrics;
+        m.last_leader_contact_ms
+            .store(crate::metrics::now_unix_ms(), Ordering::Relaxed);
+        if entries > 0 {
+            m.replicated_entries
+                .fetch_add(entries as u64, Ordering::Relaxed);
+            m.replicated_bytes
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// How far this node (a DR replica, usually) is behind the primary.
+    pub fn dr_status(&self) -> crate::pb::DrStatusResponse {
+        let s = self.local_status();
+        let m = &self.metrics;
+        let now = crate::metrics::now_unix_ms();
+        let lag = s.commit_index.saturating_sub(s.applied_index);
+        let entries = m.replicated_entries.load(Ordering::Relaxed);
+        let bytes = m.replicated_bytes.load(Ordering::Relaxed);
+        let contact = m.last_leader_contact_ms.load(Ordering::Relaxed);
+        let caught = m.caught_up_at_ms.load(Ordering::Relaxed);
+        crate::pb::DrStatusResponse {
+            node_id: self.id,
+            dr_replica: self.dr_replica,
+            cluster_id: self.sm.cluster_id().unwrap_or_default(),
+            leader: s.leader,
+            term: s.term,
+            known_commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            lag_entries: lag,
+            lag_bytes: bytes.checked_div(entries).map(|avg| lag * avg).unwrap_or(0),
+            lag_ms: if lag == 0 || caught == 0 {
+                0
+            } else {
+                now.saturating_sub(caught)
+            },
+            last_contact_ms_ago: if contact == 0 {
+                0
+            } else {
+                now.saturating_sub(contact)
+            },
+            snapshots_received: m.snapshots_received.load(Ordering::Relaxed),
+            role: s.role.to_string(),
         }
     }
 
@@ -472,6 +562,13 @@ impl Consensus {
                         m.last_applied.map(|l| l.index).unwrap_or(0),
                         Ordering::Relaxed,
                     );
+                    let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+                    let commit = m.cluster_committed.map(|l| l.index).unwrap_or(0);
+                    if applied >= commit {
+                        me.metrics
+                            .caught_up_at_ms
+                            .store(crate::metrics::now_unix_ms(), Ordering::Relaxed);
+                    }
                     me.metrics
                         .last_log_index
                         .store(m.last_log_index.unwrap_or(0), Ordering::Relaxed);

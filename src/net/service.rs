@@ -32,7 +32,10 @@ fn blob<T: serde::Serialize>(v: &T) -> Result<Response<Blob>, Status> {
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn append_entries(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
-        let rpc = decode(&req.into_inner().data).map_err(|e| bad("append entries", e))?;
+        let data = req.into_inner().data;
+        let rpc: openraft::raft::AppendEntriesRequest<crate::raft_types::TypeConfig> =
+            decode(&data).map_err(|e| bad("append entries", e))?;
+        self.node.note_replication(rpc.entries.len(), data.len());
         let r = self
             .node
             .raft
@@ -54,12 +57,18 @@ impl Peer for PeerService {
         use futures::StreamExt;
         // Requests are decoded until the first bad one; the stream then ends and the leader
         // falls back to a fresh replication stream.
-        let input = req.into_inner().scan((), |_, item| {
+        let node = self.node.clone();
+        let input = req.into_inner().scan((), move |_, item| {
             let r = item.ok().and_then(|b| {
-                decode::<openraft::raft::AppendEntriesRequest<crate::raft_types::TypeConfig>>(
-                    &b.data,
-                )
-                .ok()
+                let r =
+                    decode::<openraft::raft::AppendEntriesRequest<crate::raft_types::TypeConfig>>(
+                        &b.data,
+                    )
+                    .ok();
+                if let Some(req) = &r {
+                    node.note_replication(req.entries.len(), b.data.len());
+                }
+                r
             });
             futures::future::ready(r)
         });
@@ -103,6 +112,10 @@ impl Peer for PeerService {
                     Status::data_loss(e.to_string())
                 })?;
         tracing::info!(index = ?meta.last_log_id.map(|l| l.index), "snapshot received");
+        self.node
+            .metrics
+            .snapshots_received
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let snap = openraft::Snapshot {
             meta,
             snapshot: SnapshotDir { path: dir },
@@ -158,6 +171,8 @@ impl Peer for PeerService {
             state_hash: None,
             hash_index: None,
             client_addr: self.node.config.client_addr.clone(),
+            dr_replica: self.node.dr_replica,
+            cluster_id: self.node.sm.cluster_id().unwrap_or_default(),
         };
         if with_hash {
             let sm = self.node.sm.clone();

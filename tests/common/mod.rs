@@ -46,6 +46,8 @@ pub struct NodeSpec {
     pub data: PathBuf,
     pub log: PathBuf,
     pub initial: bool,
+    /// Extra flags for this node only.
+    pub extra: Vec<String>,
 }
 
 pub struct TestCluster {
@@ -86,6 +88,7 @@ impl TestCluster {
             data: d.join("data"),
             log: d.join("node.log"),
             initial,
+            extra: Vec::new(),
         });
         self.procs.push(None);
         self.nodes.len() - 1
@@ -127,6 +130,7 @@ impl TestCluster {
             .arg(&n.data)
             .args(["--log", "info"])
             .args(&self.extra_args)
+            .args(&n.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
         if n.initial {
