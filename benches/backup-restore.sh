@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Backup and restore figures on a 3-node loopback cluster (fsync on), all measured in one run:
+#   - the disk's own sequential write and read rate (dd, fsync / O_DIRECT), as the yardstick;
+#   - `backup create` and `restore` throughput (MB/s) and time on N records;
+#   - write p99 while full backups run back to back, against without (same run, ratio printed);
+#   - `backup stream` lag behind the commit index under write load.
+#
+#   benches/backup-restore.sh [records]      (default 1000000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+N="${1:-1000000}"
+cargo build --release --bin metaraft >&2
+M="$CARGO_TARGET_DIR/release/metaraft"
+WORK="$(mktemp -d /var/tmp/metaraft-backup.XXXXXX)"
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+EPS="127.0.0.1:18001,127.0.0.1:18002,127.0.0.1:18003"
+members="1=127.0.0.1:18101,2=127.0.0.1:18102,3=127.0.0.1:18103"
+for i in 1 2 3; do
+    "$M" serve --node-id $i --client-addr 127.0.0.1:1800$i --peer-addr 127.0.0.1:1810$i \
+        --ops-addr 127.0.0.1:1820$i --data-dir "$WORK/n$i" --initial-members "$members" \
+        --log warn 2>"$WORK/n$i.log" &
+    PIDS+=($!)
+done
+for _ in $(seq 1 100); do
+    "$M" cluster status --endpoints "$EPS" --output json 2>/dev/null | grep -q '"leader": [0-9]' && break
+    sleep 0.2
+done
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+
+echo "== disk (same filesystem as the data)"
+DW=$(dd if=/dev/zero of="$WORK/dd" bs=1M count=512 conv=fsync 2>&1 | tail -1)
+DR=$(dd if="$WORK/dd" of=/dev/null bs=1M iflag=direct 2>&1 | tail -1)
+rm -f "$WORK/dd"
+echo "sequential write (fsync): ${DW##*, }   sequential read (O_DIRECT): ${DR##*, }"
+
+echo "== load $N records (100-byte values)"
+t0=$(date +%s.%N)
+"$M" bench --endpoints "$EPS" --keys "$N" --preload --duration 1 --value-size 100 --concurrency 64 >/dev/null
+t1=$(date +%s.%N)
+echo "loaded in $(python3 -c "print(round($t1-$t0,1))") s"
+
+echo "== backup create"
+t0=$(date +%s.%N)
+"$M" backup create --endpoints "$EPS" --out "$WORK/bk" >/dev/null
+t1=$(date +%s.%N)
+BYTES=$("$M" backup list "$WORK/bk" --output json | json "sum(b['bytes'] for b in d['bases'])")
+python3 -c "s=$t1-$t0; print(f'{$BYTES/1e6:.1f} MB in {s:.2f} s = {$BYTES/1e6/s:.1f} MB/s')"
+
+echo "== restore (verify everything, copy, check the state hash, new lineage, snapshot)"
+t0=$(date +%s.%N)
+"$M" restore --from "$WORK/bk" --data-dir "$WORK/restored" --output json > "$WORK/restore.json"
+t1=$(date +%s.%N)
+python3 -c "s=$t1-$t0; print(f'{$N} records, {$BYTES/1e6:.1f} MB in {s:.2f} s = {$BYTES/1e6/s:.1f} MB/s')"
+rm -rf "$WORK/restored"
+
+echo "== write p99 without and during back-to-back full backups (16 writers, 10 s each)"
+"$M" bench --endpoints "$EPS" --keys 10000 --duration 10 --concurrency 16 --json > "$WORK/quiet.json"
+( i=0; while true; do "$M" backup create --endpoints "$EPS" --out "$WORK/loop$i" >/dev/null 2>&1 || true; rm -rf "$WORK/loop$i"; i=$((i+1)); done ) &
+LOOP=$!
+PIDS+=($LOOP)
+"$M" bench --endpoints "$EPS" --keys 10000 --duration 10 --concurrency 16 --json > "$WORK/busy.json"
+kill $LOOP 2>/dev/null || true
+pkill -f "backup create --endpoints $EPS" 2>/dev/null || true
+python3 - "$WORK/quiet.json" "$WORK/busy.json" <<'PY'
+import json, sys
+q, b = (json.load(open(p)) for p in sys.argv[1:3])
+print(f"without backup: {q['ops_per_sec']:.0f} writes/s, p99 {q['p99_ms']:.2f} ms")
+print(f"during backups: {b['ops_per_sec']:.0f} writes/s, p99 {b['p99_ms']:.2f} ms")
+print(f"ratio p99 during/without: {b['p99_ms']/q['p99_ms']:.2f}x; throughput {b['ops_per_sec']/q['ops_per_sec']:.2f}x")
+PY
+
+echo "== backup stream lag under write load (64 writers, 10 s)"
+"$M" backup stream --endpoints "$EPS" --out "$WORK/bk" --fsync-interval-ms 200 2>"$WORK/stream.log" &
+SP=$!
+PIDS+=($SP)
+sleep 2
+"$M" bench --endpoints "$EPS" --keys 10000 --duration 10 --concurrency 64 > "$WORK/load.txt" &
+BP=$!
+LAGS=()
+while kill -0 $BP 2>/dev/null; do
+    C=$("$M" cluster status --endpoints "$EPS" --output json 2>/dev/null | json "max(m['commit_index'] for m in d['members'])" || echo 0)
+    S=$(ls "$WORK/bk/segments" >/dev/null 2>&1 && "$M" backup list "$WORK/bk" --output json 2>/dev/null | json "max(r['to_index'] for r in d['restorable'])" || echo 0)
+    LAGS+=($((C > S ? C - S : 0)))
+    sleep 0.5
+done
+cat "$WORK/load.txt"
+python3 -c "l=[${LAGS[*]/%/,}]; print(f'stream lag behind commit: mean {sum(l)/len(l):.0f} entries, max {max(l)} entries over {len(l)} samples (fsync every 200 ms)')"
+kill -TERM $SP 2>/dev/null || true
