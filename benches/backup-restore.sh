@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 N="${1:-1000000}"
+# Pace of each full backup in MB/s (0: unlimited); `backup create` defaults to 40.
+RATE="${RATE:-40}"
 cargo build --release --bin metaraft >&2
 M="$CARGO_TARGET_DIR/release/metaraft"
 WORK="$(mktemp -d /var/tmp/metaraft-backup.XXXXXX)"
@@ -42,9 +44,9 @@ t0=$(date +%s.%N)
 t1=$(date +%s.%N)
 echo "loaded in $(python3 -c "print(round($t1-$t0,1))") s"
 
-echo "== backup create"
+echo "== backup create (unpaced: --max-rate-mb 0)"
 t0=$(date +%s.%N)
-"$M" backup create --endpoints "$EPS" --out "$WORK/bk" >/dev/null
+"$M" backup create --endpoints "$EPS" --out "$WORK/bk" --max-rate-mb 0 >/dev/null
 t1=$(date +%s.%N)
 BYTES=$("$M" backup list "$WORK/bk" --output json | json "sum(b['bytes'] for b in d['bases'])")
 python3 -c "s=$t1-$t0; print(f'{$BYTES/1e6:.1f} MB in {s:.2f} s = {$BYTES/1e6/s:.1f} MB/s')"
@@ -58,25 +60,41 @@ rm -rf "$WORK/restored"
 
 echo "== write p99 without and during back-to-back full backups (16 writers, 10 s each)"
 "$M" bench --endpoints "$EPS" --keys 10000 --duration 10 --concurrency 16 --json > "$WORK/quiet.json"
-( i=0; while true; do "$M" backup create --endpoints "$EPS" --out "$WORK/loop$i" >/dev/null 2>&1 || true; rm -rf "$WORK/loop$i"; i=$((i+1)); done ) &
-LOOP=$!
-PIDS+=($LOOP)
-"$M" bench --endpoints "$EPS" --keys 10000 --duration 10 --concurrency 16 --json > "$WORK/busy.json"
-kill $LOOP 2>/dev/null || true
-pkill -f "backup create --endpoints $EPS" 2>/dev/null || true
-python3 - "$WORK/quiet.json" "$WORK/busy.json" <<'PY'
+during_backups() {
+    ( i=0; while true; do "$M" backup create --endpoints "$EPS" --out "$WORK/loop$i" --max-rate-mb "$1" >/dev/null 2>&1 || true; rm -rf "$WORK/loop$i"; i=$((i+1)); done ) &
+    local loop=$!
+    "$M" bench --endpoints "$EPS" --keys 10000 --duration 10 --concurrency 16 --json > "$WORK/busy-$1.json"
+    kill $loop 2>/dev/null || true
+    wait $loop 2>/dev/null || true
+    pkill -f "backup create --endpoints $EPS" 2>/dev/null || true
+    rm -rf "$WORK"/loop*
+}
+during_backups 0
+during_backups "$RATE"
+python3 - "$WORK/quiet.json" "$WORK/busy-0.json" "$WORK/busy-$RATE.json" "$RATE" <<'PY'
 import json, sys
-q, b = (json.load(open(p)) for p in sys.argv[1:3])
-print(f"without backup: {q['ops_per_sec']:.0f} writes/s, p99 {q['p99_ms']:.2f} ms")
-print(f"during backups: {b['ops_per_sec']:.0f} writes/s, p99 {b['p99_ms']:.2f} ms")
-print(f"ratio p99 during/without: {b['p99_ms']/q['p99_ms']:.2f}x; throughput {b['ops_per_sec']/q['ops_per_sec']:.2f}x")
+q, u, p = (json.load(open(f)) for f in sys.argv[1:4])
+print(f"without backup:             {q['ops_per_sec']:.0f} writes/s, p99 {q['p99_ms']:.2f} ms")
+for name, b in ((f"during unpaced backups:", u), (f"during backups at {sys.argv[4]} MB/s:", p)):
+    print(f"{name:<27} {b['ops_per_sec']:.0f} writes/s, p99 {b['p99_ms']:.2f} ms  "
+          f"(p99 x{b['p99_ms']/q['p99_ms']:.2f}, throughput x{b['ops_per_sec']/q['ops_per_sec']:.2f})")
 PY
 
 echo "== backup stream lag under write load (64 writers, 10 s)"
 "$M" backup stream --endpoints "$EPS" --out "$WORK/bk" --fsync-interval-ms 200 2>"$WORK/stream.log" &
 SP=$!
 PIDS+=($SP)
-sleep 2
+# Catch up first (the entries written since the base), timed, then measure steady-state lag.
+t0=$(date +%s.%N)
+C0=$("$M" cluster status --endpoints "$EPS" --output json | json "max(m['commit_index'] for m in d['members'])")
+B0=$("$M" backup list "$WORK/bk" --output json | json "max(b['index'] for b in d['bases'])")
+for _ in $(seq 1 600); do
+    S=$("$M" backup list "$WORK/bk" --output json 2>/dev/null | json "max(r['to_index'] for r in d['restorable'])" || echo 0)
+    [ "$S" -ge "$C0" ] && break
+    sleep 0.2
+done
+t1=$(date +%s.%N)
+python3 -c "n=$C0-$B0; s=$t1-$t0; print(f'catch-up: {n} entries after the base streamed in {s:.2f} s = {n/s:.0f} entries/s (idle cluster)')"
 "$M" bench --endpoints "$EPS" --keys 10000 --duration 10 --concurrency 64 > "$WORK/load.txt" &
 BP=$!
 LAGS=()

@@ -223,11 +223,12 @@ impl Client {
     pub async fn backup_snapshot(
         &self,
         i: usize,
+        max_bytes_per_sec: u64,
     ) -> Result<tonic::Streaming<pb::BackupChunk>, ClientError> {
         let ch = self.channels[i % self.channels.len()].clone();
         Ok(BackupClient::new(ch)
             .max_decoding_message_size(8 << 20)
-            .snapshot(pb::BackupSnapshotRequest {})
+            .snapshot(pb::BackupSnapshotRequest { max_bytes_per_sec })
             .await?
             .into_inner())
     }

@@ -192,6 +192,30 @@ async fn b01_streamed_backup_restores_any_index_to_the_replicas_hash() {
     // The latest restorable state (no target) is the last point.
     let r = restore_json(&bk, &c.dir.path().join("restore-latest"), &[]);
     assert_eq!(r["restored_index"], last);
+    // By time: now resolves to the last entry received; before the first base, nothing.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let r = restore_json(
+        &bk,
+        &c.dir.path().join("restore-now"),
+        &["--to-time", &now_ms],
+    );
+    assert_eq!(r["restored_index"], last);
+    fails(
+        &[
+            "restore",
+            "--from",
+            p(&bk),
+            "--data-dir",
+            p(&c.dir.path().join("restore-past")),
+            "--to-time",
+            "2000-01-01T00:00:00Z",
+        ],
+        "nothing in the backup is as old",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -35,8 +35,9 @@ impl pb::backup_server::Backup for BackupApi {
 
     async fn snapshot(
         &self,
-        _req: Request<pb::BackupSnapshotRequest>,
+        req: Request<pb::BackupSnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let rate = req.into_inner().max_bytes_per_sec;
         let sm = self.node.sm.clone();
         let (meta, dir, hash) = tokio::task::spawn_blocking(move || sm.backup_checkpoint())
             .await
@@ -85,6 +86,16 @@ impl pb::backup_server::Backup for BackupApi {
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let send = |m: Result<pb::BackupChunk, Status>| tx.blocking_send(m).is_ok();
+            let started = std::time::Instant::now();
+            let mut sent = 0u64;
+            let pace = |sent: u64| {
+                if rate > 0 {
+                    let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            };
             let mut ok = send(Ok(pb::BackupChunk {
                 kind: Some(pb::backup_chunk::Kind::Header(header)),
             }));
@@ -112,6 +123,8 @@ impl pb::backup_server::Backup for BackupApi {
                     if n == 0 {
                         break;
                     }
+                    sent += n as u64;
+                    pace(sent);
                     let data = buf[..n].to_vec();
                     ok = send(Ok(pb::BackupChunk {
                         kind: Some(pb::backup_chunk::Kind::Data(pb::BackupFileChunk {

@@ -266,7 +266,7 @@ pub struct SegmentWriter {
     cluster_id: String,
     max_bytes: u64,
     fsync_every: Duration,
-    file: Option<(std::fs::File, PathBuf, u64)>,
+    file: Option<(std::io::BufWriter<std::fs::File>, PathBuf, u64)>,
     last_index: Option<u64>,
     last_sync: Instant,
     dirty: bool,
@@ -324,7 +324,11 @@ impl SegmentWriter {
             } else {
                 None
             };
-            w.file = Some((f, last.path.clone(), end));
+            w.file = Some((
+                std::io::BufWriter::with_capacity(1 << 20, f),
+                last.path.clone(),
+                end,
+            ));
         }
         let last = w.last_index;
         Ok((w, last, note))
@@ -347,7 +351,7 @@ impl SegmentWriter {
             .map_err(BackupError::io("write", &p))?;
         f.sync_all().map_err(BackupError::io("fsync", &p))?;
         sync_dir(&self.dir)?;
-        self.file = Some((f, p, HEADER_LEN));
+        self.file = Some((std::io::BufWriter::with_capacity(1 << 20, f), p, HEADER_LEN));
         Ok(())
     }
 
@@ -383,6 +387,8 @@ impl SegmentWriter {
     pub fn sync(&mut self) -> Result<(), BackupError> {
         if self.dirty {
             if let Some((f, p, _)) = self.file.as_mut() {
+                f.flush().map_err(BackupError::io("write", p))?;
+                let f = f.get_ref();
                 f.sync_data().map_err(BackupError::io("fsync", p))?;
             }
             self.dirty = false;
