@@ -168,3 +168,77 @@ async fn d01_dr_replica_promoted_after_losing_the_primary_site() {
     assert_eq!(dr_status(&drc).await.cluster_id, after.cluster_id);
     assert!(get_value(&drc, "after-promotion").await.is_some());
 }
+
+/// A DR replica that falls behind past the leader's purged log catches up by a streamed
+/// snapshot, and `dr status` shows the lag while it is down and the snapshot once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn d02_dr_replica_catches_up_by_snapshot_and_reports_it() {
+    let _g = serial();
+    let mut c = TestCluster::start(
+        3,
+        &[
+            "--snapshot-logs-since-last",
+            "200",
+            "--max-in-snapshot-log-to-keep",
+            "0",
+        ],
+    );
+    c.wait_for_leader(Duration::from_secs(20)).await;
+    let dr = c.add_spec(4, false);
+    c.nodes[dr].extra = vec!["--dr-replica".into()];
+    c.spawn(dr);
+    let client = c.client();
+    let (peer, cl) = (c.nodes[dr].peer.clone(), c.nodes[dr].client.clone());
+    client
+        .add_learner(4, peer, cl)
+        .await
+        .expect("add DR learner");
+    put(&client, "first", "1").await;
+    c.wait_converged(Duration::from_secs(20)).await;
+    c.kill(dr);
+    for i in 0..600 {
+        put(&client, &format!("while-down/{i}"), "x").await;
+    }
+    c.restart(dr);
+    let drc = c.client_at(dr);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = drc.cluster_at(0).dr_status(pb::DrStatusRequest {}).await {
+            let s = s.into_inner();
+            if s.lag_entries == 0 && s.applied_index > 600 && s.snapshots_received > 0 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "DR replica never caught up by snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // STALE reads on the replica see the data it was sent.
+    let r = drc
+        .get(pb::GetRequest {
+            key: b"while-down/599".to_vec(),
+            read: Some(pb::ReadOptions {
+                consistency: pb::Consistency::Stale as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("stale read");
+    assert!(r.kv.is_some());
+    let out = metaraft()
+        .args([
+            "dr",
+            "status",
+            "--endpoints",
+            &c.nodes[dr].client,
+            "--output",
+            "json",
+        ])
+        .output()
+        .expect("dr status");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["dr_replica"], true);
+    assert!(v["snapshots_received"].as_u64() >= Some(1), "{v}");
+}
