@@ -11,6 +11,7 @@
 //! fsm/               deterministic state machine: apply(state, index, command) -> (mutations, response)
 //! storage/           the only RocksDB user: log store (group commit), state-machine store, checkpoints
 //! keys.rs            every key layout of both stores
+//! fsutil.rs          file helpers shared by snapshot and backup streaming
 //! raft_types.rs      openraft type configuration and the bincode codec
 //! config.rs          TOML config with documented defaults and validate()
 //! ops.rs / metrics.rs HTTP ops port: /healthz, /readyz, /metrics
@@ -24,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod consensus;
 pub mod fsm;
+pub mod fsutil;
 pub mod keys;
 pub mod metrics;
 pub mod net;

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use metaraft::client::new_request_id;
 use metaraft::pb;
 use metaraft::pb::kv_client::KvClient;
 use rand::rngs::StdRng;
@@ -100,6 +101,49 @@ fn err_text(c: Code) -> Option<String> {
     Some(format!("{c:?}"))
 }
 
+fn invoke(process: u64, f: F, key: Option<&str>, node: u64) -> Event {
+    let mut e = Event::new(process, Kind::Invoke, f, 0);
+    e.key = key.map(str::to_string);
+    e.node = Some(node);
+    e
+}
+
+fn put_req(key: &str, value: String, request_id: String) -> pb::PutRequest {
+    pb::PutRequest {
+        key: key.as_bytes().to_vec(),
+        value: value.into_bytes(),
+        expected_revision: None,
+        request_id,
+    }
+}
+
+/// Records `inv`, runs `call`, and records the completion: `ok` fills in the reply and says
+/// whether it is `ok` or a definite `fail` (a CAS whose compare failed). An error is `fail` for
+/// reads; for writes, whatever [`write_outcome`] can prove, else `info`.
+async fn perform<T>(
+    rec: &Recorder,
+    inv: Event,
+    timeout: Duration,
+    is_write: bool,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ok: impl FnOnce(&mut Event, T) -> Kind,
+) -> Kind {
+    rec.record(inv.clone());
+    let mut c = inv;
+    match timed(timeout, call).await {
+        Ok(r) => c.kind = ok(&mut c, r),
+        Err(code) => {
+            c.kind = if is_write {
+                write_outcome(code)
+            } else {
+                Kind::Fail
+            };
+            c.error = err_text(code);
+        }
+    }
+    rec.record(c).kind
+}
+
 /// One client: runs operations against its node until `until`, moving to the next node after
 /// an error.
 pub async fn client_loop(
@@ -118,249 +162,142 @@ pub async fn client_loop(
         let mut kv = kvs[node].clone();
         let key_no = rng.gen_range(0..cfg.keys);
         let t = cfg.op_timeout;
+        let n = node as u64 + 1;
         let outcome = match cfg.workload {
             Workload::Register => {
                 let key = format!("reg/{key_no}");
                 match rng.gen_range(0..4) {
                     0 | 1 => {
-                        let mut inv = Event::new(process, Kind::Invoke, F::Read, 0);
-                        inv.key = Some(key.clone());
-                        inv.node = Some(node as u64 + 1);
-                        rec.record(inv.clone());
-                        let r = timed(
-                            t,
-                            kv.get(pb::GetRequest {
-                                key: key.into_bytes(),
-                                read: read_opts(pb::Consistency::Linearizable, 0),
-                            }),
-                        )
-                        .await;
-                        let mut c = inv;
-                        match r {
-                            Ok(resp) => {
-                                c.kind = Kind::Ok;
-                                c.value = resp.kv.as_ref().and_then(parse_value);
-                                c.index = Some(resp.applied_index);
-                            }
-                            Err(code) => {
-                                c.kind = Kind::Fail;
-                                c.error = err_text(code);
-                            }
-                        }
-                        rec.record(c).kind
+                        let inv = invoke(process, F::Read, Some(&key), n);
+                        let get = kv.get(pb::GetRequest {
+                            key: key.into_bytes(),
+                            read: read_opts(pb::Consistency::Linearizable, 0),
+                        });
+                        perform(&rec, inv, t, false, get, |c, r| {
+                            c.value = r.kv.as_ref().and_then(parse_value);
+                            c.index = Some(r.applied_index);
+                            Kind::Ok
+                        })
+                        .await
                     }
                     2 => {
                         let v = rng.gen_range(0..5);
-                        let mut inv = Event::new(process, Kind::Invoke, F::Write, 0);
-                        inv.key = Some(key.clone());
+                        let mut inv = invoke(process, F::Write, Some(&key), n);
                         inv.value = Some(v);
-                        inv.node = Some(node as u64 + 1);
-                        rec.record(inv.clone());
-                        let r = timed(
-                            t,
-                            kv.put(pb::PutRequest {
-                                key: key.into_bytes(),
-                                value: v.to_string().into_bytes(),
-                                expected_revision: None,
-                                request_id: metaraft::client::new_request_id(),
-                            }),
-                        )
-                        .await;
-                        let mut c = inv;
-                        match r {
-                            Ok(resp) => {
-                                c.kind = Kind::Ok;
-                                c.revision = Some(resp.revision);
-                            }
-                            Err(code) => {
-                                c.kind = write_outcome(code);
-                                c.error = err_text(code);
-                            }
-                        }
-                        rec.record(c).kind
+                        let put = kv.put(put_req(&key, v.to_string(), new_request_id()));
+                        perform(&rec, inv, t, true, put, |c, r| {
+                            c.revision = Some(r.revision);
+                            Kind::Ok
+                        })
+                        .await
                     }
                     _ => {
                         let (old, new) = (rng.gen_range(0..5), rng.gen_range(0..5));
-                        let mut inv = Event::new(process, Kind::Invoke, F::Cas, 0);
-                        inv.key = Some(key.clone());
+                        let mut inv = invoke(process, F::Cas, Some(&key), n);
                         inv.expected = Some(old);
                         inv.value = Some(new);
-                        inv.node = Some(node as u64 + 1);
-                        rec.record(inv.clone());
-                        let r = timed(
-                            t,
-                            kv.txn(pb::TxnRequest {
-                                compares: vec![pb::Compare {
-                                    key: key.clone().into_bytes(),
-                                    target: Some(pb::compare::Target::Value(
-                                        old.to_string().into_bytes(),
-                                    )),
-                                }],
-                                success: vec![pb::TxnOp {
-                                    op: Some(pb::txn_op::Op::Put(pb::PutOp {
-                                        key: key.into_bytes(),
-                                        value: new.to_string().into_bytes(),
-                                    })),
-                                }],
-                                failure: vec![],
-                                request_id: metaraft::client::new_request_id(),
-                            }),
-                        )
-                        .await;
-                        let mut c = inv;
-                        match r {
-                            Ok(resp) if resp.succeeded => {
-                                c.kind = Kind::Ok;
-                                c.revision = Some(resp.revision);
-                            }
-                            Ok(_) => {
-                                c.kind = Kind::Fail;
+                        let txn = kv.txn(pb::TxnRequest {
+                            compares: vec![pb::Compare {
+                                key: key.clone().into_bytes(),
+                                target: Some(pb::compare::Target::Value(
+                                    old.to_string().into_bytes(),
+                                )),
+                            }],
+                            success: vec![pb::TxnOp {
+                                op: Some(pb::txn_op::Op::Put(pb::PutOp {
+                                    key: key.into_bytes(),
+                                    value: new.to_string().into_bytes(),
+                                })),
+                            }],
+                            failure: vec![],
+                            request_id: new_request_id(),
+                        });
+                        perform(&rec, inv, t, true, txn, |c, r| {
+                            if r.succeeded {
+                                c.revision = Some(r.revision);
+                                Kind::Ok
+                            } else {
+                                // The compare did not hold: certainly not applied.
                                 c.error = Some("compare failed".into());
+                                Kind::Fail
                             }
-                            Err(code) => {
-                                c.kind = write_outcome(code);
-                                c.error = err_text(code);
-                            }
-                        }
-                        rec.record(c).kind
+                        })
+                        .await
                     }
                 }
             }
             Workload::Set => {
                 counter += 1;
                 let v = index as i64 * 10_000_000 + counter;
-                let mut inv = Event::new(process, Kind::Invoke, F::Add, 0);
+                let mut inv = invoke(process, F::Add, None, n);
                 inv.value = Some(v);
-                inv.node = Some(node as u64 + 1);
-                rec.record(inv.clone());
-                let r = timed(
-                    t,
-                    kv.put(pb::PutRequest {
-                        key: format!("set/{v:016}").into_bytes(),
-                        value: v.to_string().into_bytes(),
-                        expected_revision: None,
-                        request_id: metaraft::client::new_request_id(),
-                    }),
-                )
-                .await;
-                let mut c = inv;
-                match r {
-                    Ok(resp) => {
-                        c.kind = Kind::Ok;
-                        c.revision = Some(resp.revision);
-                    }
-                    Err(code) => {
-                        c.kind = write_outcome(code);
-                        c.error = err_text(code);
-                    }
-                }
-                rec.record(c).kind
+                let key = format!("set/{v:016}");
+                let put = kv.put(put_req(&key, v.to_string(), new_request_id()));
+                perform(&rec, inv, t, true, put, |c, r| {
+                    c.revision = Some(r.revision);
+                    Kind::Ok
+                })
+                .await
             }
             Workload::Session => {
                 let key = format!("sess/{key_no}");
                 let choice = rng.gen_range(0..5);
                 if choice < 2 {
                     let v = rng.gen_range(0..1000);
-                    let mut inv = Event::new(process, Kind::Invoke, F::Write, 0);
-                    inv.key = Some(key.clone());
+                    let mut inv = invoke(process, F::Write, Some(&key), n);
                     inv.value = Some(v);
-                    inv.node = Some(node as u64 + 1);
-                    rec.record(inv.clone());
-                    let r = timed(
-                        t,
-                        kv.put(pb::PutRequest {
-                            key: key.into_bytes(),
-                            value: v.to_string().into_bytes(),
-                            expected_revision: None,
-                            request_id: metaraft::client::new_request_id(),
-                        }),
-                    )
+                    let put = kv.put(put_req(&key, v.to_string(), new_request_id()));
+                    let mut rev = None;
+                    let k = perform(&rec, inv, t, true, put, |c, r| {
+                        c.revision = Some(r.revision);
+                        rev = Some(r.revision);
+                        Kind::Ok
+                    })
                     .await;
-                    let mut c = inv;
-                    match r {
-                        Ok(resp) => {
-                            c.kind = Kind::Ok;
-                            c.revision = Some(resp.revision);
-                            last_seen = last_seen.max(resp.revision);
-                        }
-                        Err(code) => {
-                            c.kind = write_outcome(code);
-                            c.error = err_text(code);
-                        }
-                    }
-                    rec.record(c).kind
+                    last_seen = last_seen.max(rev.unwrap_or(0));
+                    k
                 } else {
                     let (f, consistency, min) = if choice < 4 {
                         (F::SessionRead, pb::Consistency::Session, last_seen)
                     } else {
                         (F::StaleRead, pb::Consistency::Stale, 0)
                     };
-                    let mut inv = Event::new(process, Kind::Invoke, f, 0);
-                    inv.key = Some(key.clone());
+                    let mut inv = invoke(process, f, Some(&key), n);
                     inv.index = Some(min);
-                    inv.node = Some(node as u64 + 1);
-                    rec.record(inv.clone());
-                    let r = timed(
-                        t,
-                        kv.get(pb::GetRequest {
-                            key: key.into_bytes(),
-                            read: read_opts(consistency, min),
-                        }),
-                    )
+                    let get = kv.get(pb::GetRequest {
+                        key: key.into_bytes(),
+                        read: read_opts(consistency, min),
+                    });
+                    let mut served = None;
+                    let k = perform(&rec, inv, t, false, get, |c, r| {
+                        c.index = Some(r.applied_index);
+                        c.revision = Some(r.kv.as_ref().map(|k| k.mod_revision).unwrap_or(0));
+                        c.value = r.kv.as_ref().and_then(parse_value);
+                        served = Some(r.applied_index);
+                        Kind::Ok
+                    })
                     .await;
-                    let mut c = inv;
-                    match r {
-                        Ok(resp) => {
-                            c.kind = Kind::Ok;
-                            c.index = Some(resp.applied_index);
-                            c.revision =
-                                Some(resp.kv.as_ref().map(|k| k.mod_revision).unwrap_or(0));
-                            c.value = resp.kv.as_ref().and_then(parse_value);
-                            if f == F::SessionRead {
-                                last_seen = last_seen.max(resp.applied_index);
-                            }
-                        }
-                        Err(code) => {
-                            c.kind = Kind::Fail;
-                            c.error = err_text(code);
-                        }
+                    if f == F::SessionRead {
+                        last_seen = last_seen.max(served.unwrap_or(0));
                     }
-                    rec.record(c).kind
+                    k
                 }
             }
             Workload::Idempotent => {
-                let id = metaraft::client::new_request_id();
+                let id = new_request_id();
                 let mut last = Kind::Info;
                 for attempt in 0..5u64 {
-                    let n = (node + attempt as usize) % kvs.len();
-                    let mut kv = kvs[n].clone();
-                    let mut inv = Event::new(process, Kind::Invoke, F::IdemWrite, 0);
-                    inv.key = Some("idem/counter".into());
+                    let at = (node + attempt as usize) % kvs.len();
+                    let mut inv =
+                        invoke(process, F::IdemWrite, Some("idem/counter"), at as u64 + 1);
                     inv.request_id = Some(id.clone());
-                    inv.node = Some(n as u64 + 1);
-                    rec.record(inv.clone());
-                    let r = timed(
-                        t,
-                        kv.put(pb::PutRequest {
-                            key: b"idem/counter".to_vec(),
-                            value: id.clone().into_bytes(),
-                            expected_revision: None,
-                            request_id: id.clone(),
-                        }),
-                    )
+                    let mut kv = kvs[at].clone();
+                    let put = kv.put(put_req("idem/counter", id.clone(), id.clone()));
+                    last = perform(&rec, inv, t, true, put, |c, r| {
+                        c.revision = Some(r.revision);
+                        Kind::Ok
+                    })
                     .await;
-                    let mut c = inv;
-                    match r {
-                        Ok(resp) => {
-                            c.kind = Kind::Ok;
-                            c.revision = Some(resp.revision);
-                        }
-                        Err(code) => {
-                            c.kind = write_outcome(code);
-                            c.error = err_text(code);
-                        }
-                    }
-                    last = rec.record(c).kind;
                     if last != Kind::Info || Instant::now() >= until {
                         break;
                     }

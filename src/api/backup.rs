@@ -2,7 +2,7 @@
 //! `metaraft backup` (and the DR tooling). Both run off the apply path and never hold a lock
 //! that writes or heartbeats need: a checkpoint is RocksDB hard links, and the tail reads the log.
 
-use std::io::Read;
+use crate::fsutil::read_full;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -219,16 +219,4 @@ impl pb::backup_server::Backup for BackupApi {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
-}
-
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        let r = f.read(&mut buf[n..])?;
-        if r == 0 {
-            break;
-        }
-        n += r;
-    }
-    Ok(n)
 }

@@ -3,7 +3,8 @@
 //! the applied index and term, the membership, the cluster id, the state hash and the time. The
 //! manifest carries its own checksum.
 
-use std::io::{Read, Write};
+use crate::fsutil::read_full;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -397,18 +398,6 @@ fn write_synced(p: &Path, data: &[u8]) -> Result<(), BackupError> {
     let mut f = std::fs::File::create(p).map_err(BackupError::io("create", p))?;
     f.write_all(data).map_err(BackupError::io("write", p))?;
     f.sync_all().map_err(BackupError::io("fsync", p))
-}
-
-pub(crate) fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        let r = f.read(&mut buf[n..])?;
-        if r == 0 {
-            break;
-        }
-        n += r;
-    }
-    Ok(n)
 }
 
 fn hex_encode(b: &[u8]) -> String {

@@ -3,6 +3,7 @@
 //! temporary directory, checks every chunk, file size and file CRC, fsyncs, renames, and only
 //! then hands the directory to openraft. Memory stays bounded: a few chunks in flight.
 
+use crate::fsutil::read_full;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -148,18 +149,6 @@ pub async fn send(
         code: tonic::Code::Internal,
         message,
     })
-}
-
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        let r = f.read(&mut buf[n..])?;
-        if r == 0 {
-            break;
-        }
-        n += r;
-    }
-    Ok(n)
 }
 
 /// Errors receiving a snapshot; the temporary directory is removed on any of them.
