@@ -48,6 +48,10 @@ struct Common {
     /// Apply the nemesis faults in the order given, round-robin (default: drawn by the seed).
     #[arg(long)]
     cycle: bool,
+    /// Also run `metaraft backup stream` through the faults; at the end, restore it at the
+    /// replicas' index and require the same state hash.
+    #[arg(long)]
+    with_backup: bool,
     /// Nodes on 127.0.0.1 with process-level faults only (for machines without root).
     #[arg(long)]
     loopback: bool,
@@ -137,6 +141,7 @@ fn opts(c: &Common, workload: Workload, nemesis: &str, seed: u64, out: PathBuf) 
         bin: c.bin.clone().unwrap_or_else(default_bin),
         op_timeout: Duration::from_millis(c.op_timeout_ms),
         check_budget: Duration::from_secs(c.check_budget_s),
+        with_backup: c.with_backup,
     })
 }
 
@@ -227,6 +232,9 @@ fn real_main() -> Result<ExitCode> {
                     }
                     if common.cycle || short {
                         cmd.arg("--cycle");
+                    }
+                    if common.with_backup {
+                        cmd.arg("--with-backup");
                     }
                     if let Some(b) = &common.bin {
                         cmd.arg("--bin").arg(b);

@@ -40,6 +40,9 @@ pub struct RunOpts {
     pub bin: PathBuf,
     pub op_timeout: Duration,
     pub check_budget: Duration,
+    /// Run `metaraft backup stream` through the faults, then restore it and compare its state
+    /// hash with the replicas'.
+    pub with_backup: bool,
 }
 
 #[derive(Serialize, Clone, Copy, Debug, Default)]
@@ -66,6 +69,9 @@ pub struct Summary {
     pub exited_by_themselves: Vec<(u64, String)>,
     /// Every replica's state hash equal at one applied index after healing.
     pub replicas_equal: Option<bool>,
+    /// With --with-backup: the streamed backup, restored at that index, hashes the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_restore_equal: Option<bool>,
     pub recovery_s: f64,
     pub out: String,
 }
@@ -154,6 +160,12 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
         }
     }
 
+    let backup = if o.with_backup {
+        Some(start_backup_stream(o, &addrs)?)
+    } else {
+        None
+    };
+
     let t0 = Instant::now();
     let file = std::fs::File::create(o.out.join("history.jsonl"))?;
     let rec = Arc::new(Recorder::new(t0, Some(file)));
@@ -203,11 +215,21 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
         Duration::from_secs(60),
     ));
     let recovery_s = heal_start.elapsed().as_secs_f64();
-    let replicas_equal = rt.block_on(replicas_converge(
+    let converged = rt.block_on(replicas_converge(
         &client,
         addrs.len(),
         Duration::from_secs(60),
     ));
+    let replicas_equal = converged.map(|(eq, _, _)| eq);
+    let backup_restore_equal = match (backup, converged) {
+        (Some(child), Some((true, idx, hash))) => Some(check_backup(o, child, idx, hash)),
+        (Some(mut child), _) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            None
+        }
+        (None, _) => None,
+    };
 
     let events = rec.finish()?;
     let timeline = o.out.join("timeline.json");
@@ -232,6 +254,21 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
                 .push("replicas did not converge to one applied index".into());
         }
         Some(true) => {}
+    }
+    match (o.with_backup, backup_restore_equal) {
+        (true, Some(false)) => {
+            verdict.valid = Validity::Invalid;
+            verdict.anomalies.push(
+                "the streamed backup, restored at the replicas' index, hashes differently".into(),
+            );
+        }
+        (true, None) => {
+            verdict.valid = verdict.valid.and(Validity::Unknown);
+            verdict.anomalies.push(
+                "the streamed backup could not be checked (see backup.log, restore.log)".into(),
+            );
+        }
+        _ => {}
     }
     let ops = history::pair(&events)?;
     let counts = history::counts(&ops)
@@ -276,6 +313,7 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
         fault_windows: windows.len(),
         exited_by_themselves: exited,
         replicas_equal,
+        backup_restore_equal,
         recovery_s,
         out: o.out.display().to_string(),
     };
@@ -288,9 +326,85 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
     Ok(summary)
 }
 
-/// Waits until every member reports the same applied index, then compares their state hashes.
-/// None: they never settled on one index within `patience`.
-async fn replicas_converge(client: &Client, n: usize, patience: Duration) -> Option<bool> {
+/// `metaraft backup stream` into `<out>/backup`, from the clients' namespace.
+fn start_backup_stream(o: &RunOpts, addrs: &[String]) -> Result<std::process::Child> {
+    let log = std::fs::File::create(o.out.join("backup.log"))?;
+    std::process::Command::new(&o.bin)
+        .args(["backup", "stream", "--endpoints", &addrs.join(",")])
+        .arg("--out")
+        .arg(o.out.join("backup"))
+        .args(["--fsync-interval-ms", "200", "--max-rate-mb", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting backup stream")
+}
+
+/// Waits for the stream to reach `index`, stops it, restores at `index` and compares the hash.
+fn check_backup(o: &RunOpts, mut child: std::process::Child, index: u64, hash: u64) -> bool {
+    let dir = o.out.join("backup");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reached = loop {
+        let out = std::process::Command::new(&o.bin)
+            .args(["backup", "list", "--output", "json"])
+            .arg(&dir)
+            .output();
+        let to = out
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| {
+                v["restorable"]
+                    .as_array()
+                    .and_then(|a| a.iter().filter_map(|r| r["to_index"].as_u64()).max())
+            })
+            .unwrap_or(0);
+        if to >= index {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    if !reached {
+        return false;
+    }
+    let out = std::process::Command::new(&o.bin)
+        .args([
+            "restore",
+            "--output",
+            "json",
+            "--to-index",
+            &index.to_string(),
+        ])
+        .arg("--from")
+        .arg(&dir)
+        .arg("--data-dir")
+        .arg(o.out.join("restore-check"))
+        .output();
+    let Ok(out) = out else { return false };
+    let _ = std::fs::write(
+        o.out.join("restore.log"),
+        [&out.stdout[..], &out.stderr[..]].concat(),
+    );
+    let _ = std::fs::remove_dir_all(o.out.join("restore-check"));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["state_hash"].as_u64())
+        == Some(hash)
+}
+
+/// Waits until every member reports the same applied index, then compares their state hashes:
+/// (all equal, the index, the first member's hash). None: they never settled within `patience`.
+async fn replicas_converge(
+    client: &Client,
+    n: usize,
+    patience: Duration,
+) -> Option<(bool, u64, u64)> {
     let deadline = Instant::now() + patience;
     while Instant::now() < deadline {
         if let Ok(s) = client.status(true).await {
@@ -300,7 +414,8 @@ async fn replicas_converge(client: &Client, n: usize, patience: Duration) -> Opt
                 .filter_map(|m| Some((m.hash_index?, m.state_hash?)))
                 .collect();
             if seen.len() == n && seen.iter().all(|(idx, _)| *idx == seen[0].0) {
-                return Some(seen.iter().all(|(_, h)| *h == seen[0].1));
+                let equal = seen.iter().all(|(_, h)| *h == seen[0].1);
+                return Some((equal, seen[0].0, seen[0].1));
             }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -33,10 +33,12 @@ fn root() -> bool {
 
 fn run_workload(w: Workload) {
     let loopback = !root();
-    run_plan(w, short_plan(w, loopback), loopback);
+    // The set and idempotent runs also stream a backup through the faults and restore it.
+    let with_backup = matches!(w, Workload::Set | Workload::Idempotent);
+    run_plan(w, short_plan(w, loopback), loopback, with_backup);
 }
 
-fn run_plan(w: Workload, plan: &str, loopback: bool) {
+fn run_plan(w: Workload, plan: &str, loopback: bool, with_backup: bool) {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
@@ -50,6 +52,9 @@ fn run_plan(w: Workload, plan: &str, loopback: bool) {
         .arg(&out);
     if loopback {
         cmd.arg("--loopback");
+    }
+    if with_backup {
+        cmd.arg("--with-backup");
     }
     let o = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
@@ -94,6 +99,9 @@ fn run_plan(w: Workload, plan: &str, loopback: bool) {
         .sum();
     assert!(ok > 200, "only {ok} operations succeeded: {summary:#}");
     assert_eq!(summary["replicas_equal"], true);
+    if with_backup {
+        assert_eq!(summary["backup_restore_equal"], true, "{summary:#}");
+    }
     for f in ["history.jsonl", "latency.svg", "n1/log.txt"] {
         assert!(out.join(f).exists(), "{f} missing");
     }
@@ -167,7 +175,12 @@ fn set_under_full_disk_and_failing_fsync() {
         eprintln!("skipped: loop-mounted filesystems need root");
         return;
     }
-    run_plan(Workload::Set, "disk-full,fsync-fail,disk-full", false);
+    run_plan(
+        Workload::Set,
+        "disk-full,fsync-fail,disk-full",
+        false,
+        false,
+    );
 }
 
 #[test]
