@@ -193,7 +193,8 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
         env.clone(),
         client.clone(),
         rt.handle().clone(),
-        StdRng::seed_from_u64(o.seed),
+        // Each workload gets its own fault sequence for one seed.
+        StdRng::seed_from_u64(o.seed.wrapping_mul(31).wrapping_add(o.workload as u64)),
         t0,
         o.interval,
         o.hold,
