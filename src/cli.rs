@@ -100,6 +100,9 @@ pub struct ServeArgs {
     /// Initial members as id=peer_host:port, comma separated.
     #[arg(long)]
     pub initial_members: Option<String>,
+    /// Listen for peer traffic here (config key peer_listen_addr) while members use --peer-addr.
+    #[arg(long)]
+    pub peer_listen_addr: Option<String>,
     /// Run as a DR replica (config key dr_replica): a permanent learner, promoted only by
     /// `metaraft dr promote`.
     #[arg(long)]
@@ -270,6 +273,9 @@ pub fn build_config(a: &ServeArgs) -> Result<Config> {
     }
     if a.dr_replica {
         c.dr_replica = true;
+    }
+    if let Some(v) = &a.peer_listen_addr {
+        c.peer_listen_addr = v.clone();
     }
     if let Some(v) = &a.initial_members {
         c.initial_members = Config::parse_members(v)?;

@@ -29,6 +29,9 @@ pub struct Config {
     pub client_addr: String,
     /// Peer (Raft) gRPC listen address; also how other members reach this node. Default 127.0.0.1:7101.
     pub peer_addr: String,
+    /// Where to listen for peer traffic when that differs from the address members use
+    /// (`peer_addr`), e.g. behind a proxy or NAT. Default empty: listen on peer_addr.
+    pub peer_listen_addr: String,
     /// HTTP ops address (/healthz, /readyz, /metrics). Default 127.0.0.1:7201. Empty disables it.
     pub ops_addr: String,
     /// Data directory (log, state machine, snapshots). Default ./data.
@@ -92,6 +95,7 @@ impl Default for Config {
             node_id: 0,
             client_addr: "127.0.0.1:7001".into(),
             peer_addr: "127.0.0.1:7101".into(),
+            peer_listen_addr: String::new(),
             ops_addr: "127.0.0.1:7201".into(),
             data_dir: PathBuf::from("data"),
             initial_members: BTreeMap::new(),
@@ -163,6 +167,15 @@ fn check_addr(key: &'static str, v: &str) -> Result<(), ConfigError> {
 }
 
 impl Config {
+    /// The address the peer service binds.
+    pub fn peer_bind_addr(&self) -> &str {
+        if self.peer_listen_addr.is_empty() {
+            &self.peer_addr
+        } else {
+            &self.peer_listen_addr
+        }
+    }
+
     pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
@@ -209,6 +222,9 @@ impl Config {
         }
         check_addr("client_addr", &self.client_addr)?;
         check_addr("peer_addr", &self.peer_addr)?;
+        if !self.peer_listen_addr.is_empty() {
+            check_addr("peer_listen_addr", &self.peer_listen_addr)?;
+        }
         if !self.ops_addr.is_empty() {
             check_addr("ops_addr", &self.ops_addr)?;
         }

@@ -73,7 +73,8 @@ impl Server {
             source,
         })?;
         // Bind first: a port clash is reported before anything is touched.
-        let peer_l = incoming(bind(&config.peer_addr).await?, &config.peer_addr)?;
+        let peer_bind = config.peer_bind_addr();
+        let peer_l = incoming(bind(peer_bind).await?, peer_bind)?;
         let client_l = incoming(bind(&config.client_addr).await?, &config.client_addr)?;
         let ops_l = if config.ops_addr.is_empty() {
             None

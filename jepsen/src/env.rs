@@ -29,7 +29,10 @@ pub struct Node {
     pub ip: String,
     pub ns: Option<String>,
     pub client_addr: String,
+    /// The peer address members use (in the membership). With the delay proxy, the proxy
+    /// listens here and the node behind it on `listen_peer`.
     pub peer_addr: String,
+    pub listen_peer: String,
     pub ops_addr: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
@@ -46,6 +49,8 @@ pub struct Features {
     pub fiu: bool,
     /// Put each node's data directory on its own loop-mounted ext4 of this many MiB.
     pub disk_mb: Option<u64>,
+    /// Put a delaying TCP proxy in front of each node's peer port (the delay fault).
+    pub delay_proxy: bool,
 }
 
 const FIU_LIBS: &str = "/usr/lib/fiu/fiu_run_preload.so /usr/lib/fiu/fiu_posix_preload.so";
@@ -57,6 +62,7 @@ pub struct Env {
     bin: PathBuf,
     features: Features,
     mounted: Vec<PathBuf>,
+    proxies: Vec<Child>,
     torn_down: bool,
 }
 
@@ -143,6 +149,9 @@ impl Env {
                 "the fsync-fail fault needs libfiu's preload libraries (apt-get install fiu-utils)"
             );
         }
+        if features.delay_proxy && mode != Mode::Netns {
+            bail!("the delay fault needs network namespaces (root)");
+        }
         if features.disk_mb.is_some() && !is_root() {
             bail!("the disk-full fault needs root (loop-mounted filesystems)");
         }
@@ -200,6 +209,11 @@ impl Env {
                 ip,
                 ns,
                 client_addr: c,
+                listen_peer: if features.delay_proxy {
+                    "127.0.0.1:7101".to_string()
+                } else {
+                    p.clone()
+                },
                 peer_addr: p,
                 ops_addr: o,
                 data_dir: node_dir.join("data"),
@@ -215,8 +229,28 @@ impl Env {
             bin: bin.to_path_buf(),
             features,
             mounted: Vec::new(),
+            proxies: Vec::new(),
             torn_down: false,
         };
+        if features.delay_proxy {
+            let me = std::env::current_exe().context("locating the harness binary")?;
+            for i in 0..env.nodes.len() {
+                let n = &env.nodes[i];
+                let ns = n.ns.clone().unwrap_or_default();
+                let delay_file = n.data_dir.with_file_name("delay_ms");
+                let child = Command::new("ip")
+                    .args(["netns", "exec", &ns])
+                    .arg(&me)
+                    .args(["proxy", "--listen", &n.peer_addr, "--to", &n.listen_peer])
+                    .arg("--delay-file")
+                    .arg(&delay_file)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting a delay proxy")?;
+                env.proxies.push(child);
+            }
+        }
         if let Some(mb) = features.disk_mb {
             for i in 0..env.nodes.len() {
                 let data = env.nodes[i].data_dir.clone();
@@ -278,6 +312,9 @@ impl Env {
             .stderr(Stdio::from(log));
         if n.initial {
             cmd.args(["--initial-members", &members]);
+        }
+        if n.listen_peer != n.peer_addr {
+            cmd.args(["--peer-listen-addr", &n.listen_peer]);
         }
         n.child = Some(
             cmd.spawn()
@@ -372,6 +409,19 @@ impl Env {
         Ok(())
     }
 
+    /// Delays every byte into and out of each node's peer port by `ms` (0 heals).
+    pub fn delay(&self, ms: u64) -> Result<()> {
+        if !self.features.delay_proxy {
+            bail!("nodes were not started behind delay proxies");
+        }
+        for n in &self.nodes {
+            let f = n.data_dir.with_file_name("delay_ms");
+            std::fs::write(&f, ms.to_string())
+                .with_context(|| format!("writing {}", f.display()))?;
+        }
+        Ok(())
+    }
+
     /// Fills node `i`'s filesystem to the last block.
     pub fn fill_disk(&self, i: usize) -> Result<()> {
         if self.features.disk_mb.is_none() {
@@ -447,6 +497,9 @@ impl Env {
         if self.mode == Mode::Loopback {
             return Ok(());
         }
+        if self.features.delay_proxy {
+            self.delay(0)?;
+        }
         for i in 0..self.nodes.len() {
             let ns = self.node_ns(i)?;
             sh(&["ip", "netns", "exec", ns, "iptables", "-F", "INPUT"])?;
@@ -465,6 +518,10 @@ impl Env {
         self.torn_down = true;
         for i in 0..self.nodes.len() {
             self.kill(i);
+        }
+        for mut p in std::mem::take(&mut self.proxies) {
+            let _ = p.kill();
+            let _ = p.wait();
         }
         for m in std::mem::take(&mut self.mounted) {
             if let Err(e) = sh(&["umount", &m.display().to_string()]) {

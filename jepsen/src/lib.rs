@@ -12,6 +12,7 @@
 //! history.rs    the JSON-lines history (invoke / ok / fail / info) and pairing
 //! checker/      one checker per workload; register uses todc-utils' Wing-Gong/Lowe search
 //! plot.rs       latency over time as SVG, fault windows shaded
+//! proxy.rs      a delaying TCP proxy in front of each node's peer port (the delay fault)
 //! ```
 
 pub mod checker;
@@ -19,5 +20,6 @@ pub mod env;
 pub mod history;
 pub mod nemesis;
 pub mod plot;
+pub mod proxy;
 pub mod run;
 pub mod workload;

@@ -107,6 +107,16 @@ enum Cmd {
     },
     /// Remove network namespaces left by a crashed run.
     Cleanup,
+    /// (internal) The delaying TCP proxy the harness runs in each node's namespace.
+    #[command(hide = true)]
+    Proxy {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        delay_file: PathBuf,
+    },
 }
 
 fn default_bin() -> PathBuf {
@@ -275,6 +285,17 @@ fn real_main() -> Result<ExitCode> {
         }
         Cmd::Cleanup => {
             env::cleanup_leftovers()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Proxy {
+            listen,
+            to,
+            delay_file,
+        } => {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(metaraft_jepsen::proxy::run(listen, to, delay_file))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -30,6 +30,9 @@ pub enum Fault {
     Loss,
     /// Every node's outgoing bandwidth limited (tc tbf).
     Bandwidth,
+    /// 150 ms added to every peer connection in each direction (a delaying TCP proxy in front
+    /// of every node's peer port; this kernel has no netem).
+    Delay,
     /// kill -9 of a random minority of nodes, restarted at heal.
     Kill,
     /// kill -9 of the leader, restarted at heal.
@@ -54,6 +57,7 @@ pub const ALL: &[Fault] = &[
     Fault::Bridge,
     Fault::Loss,
     Fault::Bandwidth,
+    Fault::Delay,
     Fault::Kill,
     Fault::KillLeader,
     Fault::Pause,
@@ -79,6 +83,7 @@ impl Fault {
                 | Fault::Bridge
                 | Fault::Loss
                 | Fault::Bandwidth
+                | Fault::Delay
         )
     }
 }
@@ -304,6 +309,10 @@ impl Nemesis {
             Fault::Bandwidth => {
                 lock(&self.env).bandwidth("256kbit")?;
                 Ok("256 kbit/s out of every node".into())
+            }
+            Fault::Delay => {
+                lock(&self.env).delay(150)?;
+                Ok("150 ms each way on every peer link".into())
             }
             Fault::Kill => {
                 let k = self.rng.gen_range(1..=((n - 1) / 2).max(1));

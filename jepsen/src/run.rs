@@ -121,6 +121,7 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
     let features = Features {
         fiu: o.nemesis.contains(&Fault::FsyncFail),
         disk_mb: o.nemesis.contains(&Fault::DiskFull).then_some(256),
+        delay_proxy: o.nemesis.contains(&Fault::Delay),
     };
     let mut env = Env::create(mode, o.nodes, 0, &o.out, &o.bin, features)?;
     if mode == Mode::Netns {

@@ -167,6 +167,22 @@ fn unknown_nemeses_are_refused() {
     assert!(e.contains("unknown nemesis \"flood\""), "{e}");
 }
 
+/// Real delay (150 ms each way on every peer link, through the harness's delaying proxies),
+/// then a partition while delayed: reads and CAS stay linearizable.
+#[test]
+fn register_under_delay() {
+    if !root() {
+        eprintln!("skipped: the delay proxies live in network namespaces (root)");
+        return;
+    }
+    run_plan(
+        Workload::Register,
+        "delay,partition-halves,delay",
+        false,
+        false,
+    );
+}
+
 /// A node whose disk fills or whose fsync fails must stop acknowledging or exit, never
 /// acknowledge what it did not persist: no acknowledged add may be lost.
 #[test]
