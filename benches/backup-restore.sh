@@ -69,8 +69,19 @@ during_backups() {
     pkill -f "backup create --endpoints $EPS" 2>/dev/null || true
     rm -rf "$WORK"/loop*
 }
+leader_changes() {
+    local t=0
+    for i in 1 2 3; do
+        v=$(curl -s "127.0.0.1:1820$i/metrics" | awk '/^metaraft_leader_changes/ {print $2}')
+        t=$((t + ${v:-0}))
+    done
+    echo $t
+}
+LC0=$(leader_changes)
 during_backups 0
 during_backups "$RATE"
+LC1=$(leader_changes)
+echo "leader changes seen by the nodes during both backup phases: $((LC1 - LC0))"
 python3 - "$WORK/quiet.json" "$WORK/busy-0.json" "$WORK/busy-$RATE.json" "$RATE" <<'PY'
 import json, sys
 q, u, p = (json.load(open(f)) for f in sys.argv[1:4])
