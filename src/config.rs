@@ -391,6 +391,25 @@ mod tests {
     }
 
     #[test]
+    fn dr_replica_and_peer_listen_addr_are_checked() {
+        let mut c = valid();
+        c.dr_replica = true;
+        c.initial_members = Config::parse_members("1=127.0.0.1:7101").expect("parse");
+        let e = c.validate().expect_err("dr with members").to_string();
+        assert!(e.contains("dr_replica"), "{e}");
+        c.initial_members.clear();
+        c.validate().expect("a DR replica without initial members");
+        let mut c = valid();
+        c.peer_listen_addr = "no-port".into();
+        let e = c.validate().expect_err("bad listen addr").to_string();
+        assert!(e.contains("peer_listen_addr"), "{e}");
+        c.peer_listen_addr = "127.0.0.1:9101".into();
+        c.validate().expect("valid listen addr");
+        assert_eq!(c.peer_bind_addr(), "127.0.0.1:9101");
+        assert_eq!(valid().peer_bind_addr(), valid().peer_addr);
+    }
+
+    #[test]
     fn member_table_rejects_non_numeric_ids() {
         let e = Config::from_toml("node_id = 1\n[initial_members]\nx = \"127.0.0.1:1\"\n")
             .expect_err("bad id");
