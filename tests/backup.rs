@@ -364,6 +364,16 @@ async fn b02_damaged_backups_are_named_and_nothing_is_restored() {
         ],
         "cannot be restored",
     );
+    // The Backup service refuses a tail from index 0.
+    let mut bc =
+        metaraft::pb::backup_client::BackupClient::connect(format!("http://{}", c.nodes[0].client))
+            .await
+            .expect("connect");
+    let e = bc
+        .tail_log(metaraft::pb::TailLogRequest { from_index: 0 })
+        .await
+        .expect_err("from_index 0");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     // Not a backup at all.
     fails(&["backup", "verify", p(&busy)], "no base backup");
     fails(

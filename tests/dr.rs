@@ -241,4 +241,22 @@ async fn d02_dr_replica_catches_up_by_snapshot_and_reports_it() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["dr_replica"], true);
     assert!(v["snapshots_received"].as_u64() >= Some(1), "{v}");
+
+    // Bad input to the DR entry points: the wrong node id, several endpoints. Nothing changes.
+    let e = drc
+        .cluster_at(0)
+        .dr_promote(pb::DrPromoteRequest { node_id: 2 })
+        .await
+        .expect_err("wrong node id");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("this endpoint is node 4"), "{e}");
+    let eps = format!("{},{}", c.nodes[dr].client, c.nodes[0].client);
+    let out = metaraft()
+        .args(["dr", "promote", "--endpoints", &eps, "--node-id", "4"])
+        .output()
+        .expect("dr promote");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exactly one endpoint"));
+    let s = dr_status(&drc).await;
+    assert!(s.dr_replica && s.role == "learner", "{s:?}");
 }
