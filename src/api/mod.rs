@@ -142,11 +142,12 @@ impl Api {
 
     async fn get_inner(&self, r: pb::GetRequest) -> ApiResult<pb::GetResponse> {
         self.check_key(&r.key)?;
-        let applied = self.read_barrier(r.read).await?;
-        let kv = self.node.sm.get(&r.key)?.map(to_kv);
+        let barrier = self.read_barrier(r.read).await?;
+        let (value, applied) = self.node.sm.get(&r.key)?;
         Ok(pb::GetResponse {
-            kv,
-            applied_index: applied.max(self.node.sm.applied_index()),
+            kv: value.map(to_kv),
+            // The index the value was read at (never below the barrier: applied only grows).
+            applied_index: applied.max(barrier),
         })
     }
 
@@ -166,12 +167,13 @@ impl Api {
             ));
         }
         let limit = if r.limit == 0 { max } else { r.limit } as usize;
-        let applied = self.read_barrier(r.read).await?;
+        let barrier = self.read_barrier(r.read).await?;
         let sm = self.node.sm.clone();
         let (prefix, after) = (r.prefix, r.start_after);
-        let (vals, more) = tokio::task::spawn_blocking(move || sm.range(&prefix, &after, limit))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let (vals, more, applied) =
+            tokio::task::spawn_blocking(move || sm.range(&prefix, &after, limit))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??;
         let kvs = vals
             .into_iter()
             .map(|v| {
@@ -185,7 +187,7 @@ impl Api {
         Ok(pb::RangeResponse {
             kvs,
             more,
-            applied_index: applied,
+            applied_index: applied.max(barrier),
         })
     }
 

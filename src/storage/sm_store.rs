@@ -189,30 +189,39 @@ impl StateMachineStore {
         }
     }
 
-    pub fn get(&self, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
+    /// The value of `key` and the applied index it was read at, both from one RocksDB snapshot:
+    /// the index published by [`Self::applied_index`] can trail the data by one batch, and a
+    /// reply must never claim an index older than the value it carries.
+    pub fn get(&self, key: &[u8]) -> Result<(Option<StoredValue>, u64), StorageError> {
         let db = self.db();
-        match db
+        let snap = db.snapshot();
+        let applied = snapshot_applied(&snap)?;
+        let value = match snap
             .get(keys::data(key))
             .map_err(StorageError::rocks("get"))?
         {
-            None => Ok(None),
-            Some(b) => Ok(Some(StoredValue {
+            None => None,
+            Some(b) => Some(StoredValue {
                 key: key.to_vec(),
                 record: dec("value", &b)?,
-            })),
-        }
+            }),
+        };
+        Ok((value, applied))
     }
 
     /// Keys starting with `prefix`, strictly after `start_after` (if non-empty), at most `limit`;
-    /// returns (values, more).
+    /// returns (values, more, applied index), all read from one RocksDB snapshot.
     pub fn range(
         &self,
         prefix: &[u8],
         start_after: &[u8],
         limit: usize,
-    ) -> Result<(Vec<StoredValue>, bool), StorageError> {
+    ) -> Result<(Vec<StoredValue>, bool, u64), StorageError> {
         let db = self.db();
+        let snap = db.snapshot();
+        let applied = snapshot_applied(&snap)?;
         let mut ro = ReadOptions::default();
+        ro.set_snapshot(&snap);
         let upper =
             keys::prefix_end(&keys::data(prefix)).unwrap_or_else(|| vec![keys::SM_DATA + 1]);
         ro.set_iterate_upper_bound(upper);
@@ -237,7 +246,7 @@ impl StateMachineStore {
                 record: dec("value", &v)?,
             });
         }
-        Ok((out, more))
+        Ok((out, more, applied))
     }
 
     /// CRC32 over every key and value of the state machine, read from one consistent RocksDB
@@ -245,15 +254,7 @@ impl StateMachineStore {
     pub fn state_hash(&self) -> Result<(u64, u32), StorageError> {
         let db = self.db();
         let snap = db.snapshot();
-        let applied = match snap
-            .get(keys::SM_META_LAST_APPLIED)
-            .map_err(StorageError::rocks("get"))?
-        {
-            None => 0,
-            Some(b) => dec::<Option<LogId>>("last applied", &b)?
-                .map(|l| l.index)
-                .unwrap_or(0),
-        };
+        let applied = snapshot_applied(&snap)?;
         Ok((applied, hash_iter(snap.iterator(IteratorMode::Start))?))
     }
 
@@ -649,6 +650,19 @@ impl StateRead for DbState<'_> {
             return Ok(v.clone());
         }
         self.db.get(key).map_err(|e| FsmError::Read(e.to_string()))
+    }
+}
+
+/// The applied index recorded in a snapshot (0 before any entry).
+fn snapshot_applied(snap: &rocksdb::Snapshot<'_>) -> Result<u64, StorageError> {
+    match snap
+        .get(keys::SM_META_LAST_APPLIED)
+        .map_err(StorageError::rocks("get"))?
+    {
+        None => Ok(0),
+        Some(b) => Ok(dec::<Option<LogId>>("last applied", &b)?
+            .map(|l| l.index)
+            .unwrap_or(0)),
     }
 }
 

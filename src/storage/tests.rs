@@ -86,7 +86,7 @@ async fn snapshot_install_restores_exact_state_and_survives_reopen() {
         .await
         .expect("install");
     assert_eq!(sb.applied_index(), 50);
-    assert!(sb.get(b"late").expect("get").is_none());
+    assert!(sb.get(b"late").expect("get").0.is_none());
     assert_eq!(sb.range(b"k", b"", 1000).expect("range").0.len(), 50);
     let hash_b = sb.state_hash().expect("hash");
     drop(sb);
@@ -113,16 +113,23 @@ async fn range_paginates_by_key() {
         ],
     )
     .await;
-    let (page, more) = s.range(b"p/", b"", 2).expect("range");
+    let (page, more, applied) = s.range(b"p/", b"", 2).expect("range");
+    assert_eq!(
+        applied, 4,
+        "a range reports the index its snapshot was read at"
+    );
+    let (one, at) = s.get(b"p/c").expect("get");
+    assert_eq!(one.map(|v| v.key), Some(b"p/c".to_vec()));
+    assert_eq!(at, 4);
     assert_eq!(
         page.iter().map(|v| v.key.clone()).collect::<Vec<_>>(),
         vec![b"p/a".to_vec(), b"p/b".to_vec()]
     );
     assert!(more);
-    let (page, more) = s.range(b"p/", b"p/b", 2).expect("range");
+    let (page, more, _) = s.range(b"p/", b"p/b", 2).expect("range");
     assert_eq!(page.len(), 1);
     assert!(!more);
-    let (all, _) = s.range(b"", b"", 10).expect("range");
+    let (all, _, _) = s.range(b"", b"", 10).expect("range");
     assert_eq!(all.len(), 4);
 }
 
