@@ -12,6 +12,16 @@
 //! - `r` + request id                  -> bincode `fsm::DedupRecord` (response of a request id)
 //! - `q` + index (u64 BE)             -> request id applied at that index (the expiry queue)
 //!
+//! Metadata domain (`fsm::meta`), in the same state-machine store; `id` = 16-byte UUID, `kind` =
+//! one byte (`fsm::meta::Kind`):
+//! - `E` + id                          -> bincode `meta::Record` (the row)
+//! - `N` + kind + parent id + uname    -> id (unique names; `uname` = name, or name 0 attempt for steps)
+//! - `I` + ix + scope + sort(8) + id   -> empty (a secondary index entry; `sort` = inverted created
+//!   time, so an ascending scan is newest first; written in the same batch as the row)
+//! - `K` + ix + scope                  -> u64 BE (entries under that index scope: incremental counts)
+//! - `C` + project id + cache key      -> id of the latest step run with that cache key
+//! - `A` + sha256(api key)             -> service account (user) id
+//!
 //! At most one request id per log index, so expiring one is a point lookup, never an iterator
 //! scan over the tombstones of earlier expiries (which grew without bound).
 //!
@@ -30,6 +40,72 @@ pub const SM_META_MEMBERSHIP: &[u8] = b"mmembership";
 pub const SM_META_CLUSTER_ID: &[u8] = b"mcluster_id";
 pub const SM_DEDUP: u8 = b'r';
 pub const SM_DEDUP_QUEUE: u8 = b'q';
+
+pub const META_ROW: u8 = b'E';
+pub const META_NAME: u8 = b'N';
+pub const META_INDEX: u8 = b'I';
+pub const META_COUNT: u8 = b'K';
+pub const META_CACHE: u8 = b'C';
+pub const META_API_KEY: u8 = b'A';
+
+pub fn meta_row(id: &[u8; 16]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(META_ROW);
+    k.extend_from_slice(id);
+    k
+}
+
+/// Unique-name key of a child of `parent`; `uname` is the name (plus attempt for step runs).
+pub fn meta_name(kind: u8, parent: &[u8; 16], uname: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(18 + uname.len());
+    k.push(META_NAME);
+    k.push(kind);
+    k.extend_from_slice(parent);
+    k.extend_from_slice(uname);
+    k
+}
+
+/// Prefix of an index scope: `I` + ix + scope (scope components are fixed-length or 0-terminated).
+pub fn meta_index_prefix(ix: u8, scope: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + scope.len() + 24);
+    k.push(META_INDEX);
+    k.push(ix);
+    k.extend_from_slice(scope);
+    k
+}
+
+/// One index entry: prefix + sort + id.
+pub fn meta_index(prefix: &[u8], sort: u64, id: &[u8; 16]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 24);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&sort.to_be_bytes());
+    k.extend_from_slice(id);
+    k
+}
+
+/// The count key of an index prefix (`I...` -> `K...`).
+pub fn meta_count(index_prefix: &[u8]) -> Vec<u8> {
+    let mut k = index_prefix.to_vec();
+    if let Some(first) = k.first_mut() {
+        *first = META_COUNT;
+    }
+    k
+}
+
+pub fn meta_cache(project: &[u8; 16], cache_key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17 + cache_key.len());
+    k.push(META_CACHE);
+    k.extend_from_slice(project);
+    k.extend_from_slice(cache_key.as_bytes());
+    k
+}
+
+pub fn meta_api_key(hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(META_API_KEY);
+    k.extend_from_slice(hash);
+    k
+}
 
 pub fn log_entry(index: u64) -> [u8; 9] {
     let mut k = [0u8; 9];

@@ -102,6 +102,7 @@ impl Server {
             config: config.clone(),
             dr_replica: config.dr_replica && !config.data_dir.join(PROMOTED_MARKER).exists(),
             promote_requested: tokio::sync::watch::channel(false).0,
+            meta_clock: std::sync::atomic::AtomicU64::new(0),
             leader_reads: Default::default(),
             reads: Default::default(),
         });

@@ -103,6 +103,8 @@ pub struct Consensus {
     pub leader_reads: Arc<batch::ReadBatcher>,
     /// Coalesces read-index requests this node makes (to itself or to the leader).
     pub reads: Arc<batch::ReadBatcher>,
+    /// The last time stamped on a meta command by this node as leader (keeps stamps monotonic).
+    pub meta_clock: std::sync::atomic::AtomicU64,
 }
 
 pub fn role_name(s: ServerState) -> &'static str {
@@ -170,6 +172,13 @@ impl Consensus {
 
     /// Proposes on this node only; `NotLeader` when it does not lead.
     pub async fn write_local(&self, req: Request) -> Forwarded<Response> {
+        let mut req = req;
+        if let crate::fsm::Command::Meta { at_ms, .. } = &mut req.command {
+            // The leader's clock, never read during apply; non-decreasing on this leader.
+            let now = crate::metrics::now_unix_ms();
+            let prev = self.meta_clock.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+            *at_ms = now.max(prev);
+        }
         match tokio::time::timeout(self.write_timeout(), self.raft.client_write(req)).await {
             Err(_) => Forwarded::Failed("commit timed out".into()),
             Ok(Ok(r)) => Forwarded::Ok(r.data),

@@ -5,12 +5,15 @@
 //! given, so every replica that applies the same log ends with byte-identical state. Storage turns
 //! the mutations into one atomic RocksDB batch together with `last_applied`.
 
+pub mod meta;
+
 use serde::{Deserialize, Serialize};
 
 use crate::keys;
 
 /// Format of commands written to the log. A node that meets a newer one stops instead of diverging.
-pub const COMMAND_FORMAT_VERSION: u8 = 1;
+/// 1: key/value commands. 2: adds `Command::Meta` (meta ops, encoded with their own format).
+pub const COMMAND_FORMAT_VERSION: u8 = 2;
 
 /// How many log entries a request id is remembered for (deterministic: counted in log indexes).
 pub const DEFAULT_DEDUP_WINDOW: u64 = 1_000_000;
@@ -25,9 +28,11 @@ pub struct Request {
 }
 
 impl Request {
+    /// A request in the lowest format that carries `command`, so nodes not yet upgraded keep
+    /// applying the commands they know during a rolling upgrade.
     pub fn new(request_id: impl Into<String>, command: Command) -> Self {
         Request {
-            format_version: COMMAND_FORMAT_VERSION,
+            format_version: command.format_version(),
             request_id: request_id.into(),
             command,
         }
@@ -41,6 +46,7 @@ impl std::fmt::Display for Request {
             Command::Put { .. } => "put",
             Command::Delete { .. } => "delete",
             Command::Txn { .. } => "txn",
+            Command::Meta { .. } => "meta",
         };
         write!(f, "{kind}")
     }
@@ -64,6 +70,28 @@ pub enum Command {
         success: Vec<Op>,
         failure: Vec<Op>,
     },
+    /// A metadata-domain op (`meta::MetaOp`, bincode-encoded in `op` so a node can refuse a
+    /// newer `format` before decoding it). `at_ms` is the leader's clock when it proposed.
+    Meta { format: u8, at_ms: u64, op: Vec<u8> },
+}
+
+impl Command {
+    /// A meta command for `op` (the leader stamps `at_ms` when it proposes).
+    pub fn meta(op: &meta::MetaOp) -> Result<Command, FsmError> {
+        Ok(Command::Meta {
+            format: meta::META_FORMAT_VERSION,
+            at_ms: 0,
+            op: encode(op)?,
+        })
+    }
+
+    /// The lowest command format that can carry this command.
+    pub fn format_version(&self) -> u8 {
+        match self {
+            Command::Meta { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +148,12 @@ impl std::fmt::Debug for Command {
                 .field("success", success)
                 .field("failure", failure)
                 .finish(),
+            Command::Meta { format, at_ms, op } => f
+                .debug_struct("Meta")
+                .field("format", format)
+                .field("at_ms", at_ms)
+                .field("op", &Redacted(op))
+                .finish(),
         }
     }
 }
@@ -158,7 +192,7 @@ impl std::fmt::Debug for Op {
 }
 
 /// The result of applying one entry. `revision` is always the entry's log index.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     /// Blank and membership entries.
     None {
@@ -187,6 +221,10 @@ pub enum Response {
         revision: u64,
         version: u8,
     },
+    Meta {
+        revision: u64,
+        response: meta::MetaResponse,
+    },
 }
 
 impl Response {
@@ -197,7 +235,8 @@ impl Response {
             | Response::Delete { revision, .. }
             | Response::Txn { revision, .. }
             | Response::RevisionMismatch { revision, .. }
-            | Response::UnsupportedFormat { revision, .. } => *revision,
+            | Response::UnsupportedFormat { revision, .. }
+            | Response::Meta { revision, .. } => *revision,
         }
     }
 }
@@ -212,7 +251,7 @@ pub struct ValueRecord {
 }
 
 /// What a request id maps to: the first result, returned again for retries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DedupRecord {
     pub index: u64,
     pub response: Response,
@@ -238,6 +277,13 @@ pub enum FsmError {
 /// Read access to the current state, as of the last applied entry.
 pub trait StateRead {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError>;
+    /// Raw keys and values in `[start, end)`, ascending, at most `limit`.
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError>;
 }
 
 fn get_value(state: &dyn StateRead, user_key: &[u8]) -> Result<Option<ValueRecord>, FsmError> {
@@ -461,6 +507,25 @@ fn apply_command(
             Ok(Response::Txn {
                 revision: index,
                 succeeded: ok,
+            })
+        }
+        Command::Meta { format, at_ms, op } => {
+            if *format > meta::META_FORMAT_VERSION {
+                return Ok(Response::UnsupportedFormat {
+                    revision: index,
+                    version: *format,
+                });
+            }
+            let op: meta::MetaOp =
+                crate::raft_types::decode(op).map_err(|e| FsmError::Corrupt {
+                    key: Vec::new(),
+                    reason: format!("meta op at index {index}: {e}"),
+                })?;
+            let (m, response) = meta::apply::apply_meta(state, index, *at_ms, &op)?;
+            muts.extend(m);
+            Ok(Response::Meta {
+                revision: index,
+                response,
             })
         }
     }

@@ -8,23 +8,39 @@ use super::*;
 
 /// A `StateRead` over a BTreeMap, applying mutations the way storage does.
 #[derive(Default)]
-struct MemState(BTreeMap<Vec<u8>, Vec<u8>>);
+pub(crate) struct MemState(pub(crate) BTreeMap<Vec<u8>, Vec<u8>>);
 
 impl StateRead for MemState {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError> {
         Ok(self.0.get(key).cloned())
     }
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .0
+            .range(start.to_vec()..end.to_vec())
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
 }
 
 impl MemState {
-    fn run(&mut self, index: u64, req: &Request, window: u64) -> Response {
+    pub(crate) fn run(&mut self, index: u64, req: &Request, window: u64) -> Response {
         let mut muts = expire(self, index, window).expect("expire");
         self.write(muts.drain(..));
         let (muts, resp) = apply(self, index, req).expect("apply");
         self.write(muts.into_iter());
         resp
     }
-    fn write(&mut self, muts: impl Iterator<Item = Mutation>) {
+    pub(crate) fn write(&mut self, muts: impl Iterator<Item = Mutation>) {
         for m in muts {
             match m {
                 Mutation::Put(k, v) => {

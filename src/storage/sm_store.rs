@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use crate::fsm::meta::rbac::RbacIndex;
 use rocksdb::{
     checkpoint::Checkpoint, Direction, IteratorMode, Options, ReadOptions, WriteBatch, DB,
 };
@@ -57,6 +58,8 @@ struct Shared {
     /// The cluster lineage id, kept in step with the stored one (the network stamps it on
     /// every peer request and refuses requests from other lineages).
     lineage: Arc<std::sync::RwLock<String>>,
+    /// Users, teams, roles and bindings for permission checks, kept in step with apply.
+    rbac: RwLock<RbacIndex>,
 }
 
 /// The openraft state machine over RocksDB. Clones share the same store.
@@ -126,6 +129,11 @@ impl StateMachineStore {
             .map_err(StorageError::rocks("get cluster id"))?
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
+        let empty = BTreeMap::new();
+        let rbac = RbacIndex::load(&DbState {
+            db: &db,
+            overlay: &empty,
+        })?;
         let store = StateMachineStore {
             shared: Arc::new(Shared {
                 data_dir: data_dir.to_path_buf(),
@@ -137,9 +145,47 @@ impl StateMachineStore {
                 snapshot_seq: AtomicU64::new(0),
                 snapshot_lock: tokio::sync::Mutex::new(()),
                 lineage: Arc::new(std::sync::RwLock::new(lineage)),
+                rbac: RwLock::new(rbac),
             }),
         };
         Ok(store)
+    }
+
+    fn rbac_write(&self) -> std::sync::RwLockWriteGuard<'_, RbacIndex> {
+        self.shared.rbac.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` over one consistent snapshot of the state machine.
+    pub fn read_view<T>(&self, f: impl FnOnce(&SnapshotView<'_>) -> T) -> Result<T, StorageError> {
+        let db = self.db();
+        let snap = db.snapshot();
+        let applied = snapshot_applied(&snap)?;
+        let view = SnapshotView {
+            db: &db,
+            snap,
+            applied,
+        };
+        Ok(f(&view))
+    }
+
+    /// Runs `f` with the RBAC index (refreshed) and a consistent snapshot.
+    pub fn with_rbac<T>(
+        &self,
+        f: impl FnOnce(&RbacIndex, &SnapshotView<'_>) -> T,
+    ) -> Result<T, StorageError> {
+        {
+            let dirty = self
+                .shared
+                .rbac
+                .read()
+                .map(|g| g.is_dirty())
+                .unwrap_or(true);
+            if dirty {
+                self.rbac_write().refresh();
+            }
+        }
+        let ix = self.shared.rbac.read().unwrap_or_else(|p| p.into_inner());
+        self.read_view(|v| f(&ix, v))
     }
 
     fn db(&self) -> Arc<DB> {
@@ -414,6 +460,15 @@ impl StateMachineStore {
                         supported: fsm::COMMAND_FORMAT_VERSION,
                     });
                 }
+                if let fsm::Command::Meta { format, .. } = &req.command {
+                    if *format > fsm::meta::META_FORMAT_VERSION {
+                        return Err(StorageError::UnsupportedFormat {
+                            index,
+                            version: *format,
+                            supported: fsm::meta::META_FORMAT_VERSION,
+                        });
+                    }
+                }
                 let (muts, resp) = fsm::apply(&DbState { db, overlay }, index, req)?;
                 Self::stage(overlay, batch, muts);
                 resp
@@ -481,6 +536,12 @@ impl StateMachineStore {
             return Ok(());
         }
         self.write_batch(db, std::mem::take(batch), last)?;
+        {
+            let mut rbac = self.rbac_write();
+            for (k, v) in overlay.iter() {
+                rbac.observe(k, v.as_deref())?;
+            }
+        }
         overlay.clear();
         for (responder, resp) in pending.drain(..) {
             if let Some(r) = responder {
@@ -615,6 +676,11 @@ impl StateMachineStore {
                 ),
             });
         }
+        let empty = BTreeMap::new();
+        let rbac = RbacIndex::load(&DbState {
+            db: &db,
+            overlay: &empty,
+        })?;
         let old_gen = self.shared.generation.swap(gen, Ordering::SeqCst);
         {
             let mut g = match self.shared.db.write() {
@@ -622,6 +688,7 @@ impl StateMachineStore {
                 Err(p) => p.into_inner(),
             };
             *g = Arc::new(db);
+            *self.rbac_write() = rbac;
         }
         write_current(&self.shared.data_dir, gen)?;
         let old = self.shared.data_dir.join(format!("sm-{old_gen}"));
@@ -651,6 +718,74 @@ impl StateRead for DbState<'_> {
         }
         self.db.get(key).map_err(|e| FsmError::Read(e.to_string()))
     }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError> {
+        let local: Vec<_> = self.overlay.range(start.to_vec()..end.to_vec()).collect();
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            scan_db(self.db, None, start, end, limit.saturating_add(local.len()))?
+                .into_iter()
+                .collect();
+        for (k, v) in local {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().take(limit).collect())
+    }
+}
+
+/// A consistent read view: one RocksDB snapshot, with the applied index it holds.
+pub struct SnapshotView<'a> {
+    db: &'a DB,
+    snap: rocksdb::Snapshot<'a>,
+    pub applied: u64,
+}
+
+impl StateRead for SnapshotView<'_> {
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError> {
+        self.snap.get(key).map_err(|e| FsmError::Read(e.to_string()))
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError> {
+        scan_db(self.db, Some(&self.snap), start, end, limit)
+    }
+}
+
+fn scan_db(
+    db: &DB,
+    snap: Option<&rocksdb::Snapshot<'_>>,
+    start: &[u8],
+    end: &[u8],
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError> {
+    let mut out = Vec::new();
+    if limit == 0 || start >= end {
+        return Ok(out);
+    }
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_upper_bound(end.to_vec());
+    if let Some(s) = snap {
+        ro.set_snapshot(s);
+    }
+    for r in db.iterator_opt(IteratorMode::From(start, Direction::Forward), ro) {
+        let (k, v) = r.map_err(|e| FsmError::Read(e.to_string()))?;
+        out.push((k.to_vec(), v.to_vec()));
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// The applied index recorded in a snapshot (0 before any entry).
