@@ -19,6 +19,17 @@ impl StateRead for Mem {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError> {
         Ok(self.0.get(key).cloned())
     }
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<fsm::KvPairs, FsmError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .0
+            .range(start.to_vec()..end.to_vec())
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
 }
 
 fn put(i: u64) -> Request {

@@ -176,7 +176,9 @@ impl Consensus {
         if let crate::fsm::Command::Meta { at_ms, .. } = &mut req.command {
             // The leader's clock, never read during apply; non-decreasing on this leader.
             let now = crate::metrics::now_unix_ms();
-            let prev = self.meta_clock.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+            let prev = self
+                .meta_clock
+                .fetch_max(now, std::sync::atomic::Ordering::SeqCst);
             *at_ms = now.max(prev);
         }
         match tokio::time::timeout(self.write_timeout(), self.raft.client_write(req)).await {

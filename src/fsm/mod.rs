@@ -274,16 +274,15 @@ pub enum FsmError {
     Encode(String),
 }
 
+/// Raw (key, value) pairs of a scan.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Read access to the current state, as of the last applied entry.
 pub trait StateRead {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError>;
     /// Raw keys and values in `[start, end)`, ascending, at most `limit`.
-    fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError>;
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize)
+        -> Result<crate::fsm::KvPairs, FsmError>;
 }
 
 fn get_value(state: &dyn StateRead, user_key: &[u8]) -> Result<Option<ValueRecord>, FsmError> {

@@ -19,7 +19,7 @@ impl StateRead for MemState {
         start: &[u8],
         end: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError> {
+    ) -> Result<crate::fsm::KvPairs, FsmError> {
         if start >= end {
             return Ok(Vec::new());
         }

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::fsm::meta::rbac::RbacIndex;
 use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use crate::fsm::meta::rbac::RbacIndex;
 use rocksdb::{
     checkpoint::Checkpoint, Direction, IteratorMode, Options, ReadOptions, WriteBatch, DB,
 };
@@ -724,7 +724,7 @@ impl StateRead for DbState<'_> {
         start: &[u8],
         end: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError> {
+    ) -> Result<crate::fsm::KvPairs, FsmError> {
         let local: Vec<_> = self.overlay.range(start.to_vec()..end.to_vec()).collect();
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
             scan_db(self.db, None, start, end, limit.saturating_add(local.len()))?
@@ -749,7 +749,9 @@ pub struct SnapshotView<'a> {
 
 impl StateRead for SnapshotView<'_> {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError> {
-        self.snap.get(key).map_err(|e| FsmError::Read(e.to_string()))
+        self.snap
+            .get(key)
+            .map_err(|e| FsmError::Read(e.to_string()))
     }
 
     fn scan(
@@ -757,7 +759,7 @@ impl StateRead for SnapshotView<'_> {
         start: &[u8],
         end: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError> {
+    ) -> Result<crate::fsm::KvPairs, FsmError> {
         scan_db(self.db, Some(&self.snap), start, end, limit)
     }
 }
@@ -768,7 +770,7 @@ fn scan_db(
     start: &[u8],
     end: &[u8],
     limit: usize,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError> {
+) -> Result<crate::fsm::KvPairs, FsmError> {
     let mut out = Vec::new();
     if limit == 0 || start >= end {
         return Ok(out);

@@ -69,11 +69,9 @@ impl<'a> Tx<'a> {
         start: &[u8],
         end: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError> {
-        let local: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = self
-            .overlay
-            .range(start.to_vec()..end.to_vec())
-            .collect();
+    ) -> Result<crate::fsm::KvPairs, FsmError> {
+        let local: Vec<(&Vec<u8>, &Option<Vec<u8>>)> =
+            self.overlay.range(start.to_vec()..end.to_vec()).collect();
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self
             .state
             .scan(start, end, limit.saturating_add(local.len()))?
@@ -117,7 +115,12 @@ impl<'a> Tx<'a> {
         if r.kind() != kind {
             return refuse(
                 MetaErrorKind::Invalid,
-                format!("{} is a {}, not a {}", fmt_id(id), r.kind().name(), kind.name()),
+                format!(
+                    "{} is a {}, not a {}",
+                    fmt_id(id),
+                    r.kind().name(),
+                    kind.name()
+                ),
             );
         }
         Ok(r)
@@ -163,7 +166,8 @@ impl<'a> Tx<'a> {
         }
         match (old, new) {
             (_, Some(r)) => {
-                let raw = crate::raft_types::encode(r).map_err(|e| FsmError::Encode(e.to_string()))?;
+                let raw =
+                    crate::raft_types::encode(r).map_err(|e| FsmError::Encode(e.to_string()))?;
                 self.put(keys::meta_row(&r.id), raw);
             }
             (Some(r), None) => self.delete(keys::meta_row(&r.id)),
@@ -182,7 +186,7 @@ impl StateRead for Tx<'_> {
         start: &[u8],
         end: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, FsmError> {
+    ) -> Result<crate::fsm::KvPairs, FsmError> {
         Tx::scan(self, start, end, limit)
     }
 }
@@ -297,7 +301,10 @@ fn validate_tags(tags: &[String]) -> Result<(), String> {
 
 fn validate_text(field: &str, v: &str) -> Result<(), String> {
     if v.len() > MAX_TEXT_BYTES {
-        return Err(format!("{field} is {} bytes, limit {MAX_TEXT_BYTES}", v.len()));
+        return Err(format!(
+            "{field} is {} bytes, limit {MAX_TEXT_BYTES}",
+            v.len()
+        ));
     }
     Ok(())
 }
@@ -394,8 +401,10 @@ pub fn apply_meta(
             owner,
             tags,
             spec,
-        } => create(&mut tx, index, at_ms, *id, *parent, name, *owner, tags, spec)
-            .map(|r| MetaResponse::Record(Box::new(r))),
+        } => create(
+            &mut tx, index, at_ms, *id, *parent, name, *owner, tags, spec,
+        )
+        .map(|r| MetaResponse::Record(Box::new(r))),
         MetaOp::Update {
             id,
             expected_revision,
@@ -442,8 +451,10 @@ pub fn apply_meta(
             grace_ms,
         } => add_api_key(&mut tx, index, at_ms, user, key_id, sha256, *grace_ms)
             .map(|r| MetaResponse::Record(Box::new(r))),
-        MetaOp::RevokeApiKey { user, key_id } => revoke_api_key(&mut tx, index, at_ms, user, key_id)
-            .map(|r| MetaResponse::Record(Box::new(r))),
+        MetaOp::RevokeApiKey { user, key_id } => {
+            revoke_api_key(&mut tx, index, at_ms, user, key_id)
+                .map(|r| MetaResponse::Record(Box::new(r)))
+        }
         MetaOp::PurgeRuns {
             project,
             before_ms,
@@ -632,9 +643,7 @@ fn create(
                     }
                     depth += 1;
                     if depth >= MAX_RUN_DEPTH {
-                        return invalid(format!(
-                            "parent runs nest deeper than {MAX_RUN_DEPTH}"
-                        ));
+                        return invalid(format!("parent runs nest deeper than {MAX_RUN_DEPTH}"));
                     }
                     match tx.load(up)? {
                         Some(r) => cur = r,
@@ -665,7 +674,11 @@ fn create(
                 if status.is_finished() {
                     return refuse(
                         MetaErrorKind::FailedPrecondition,
-                        format!("run {} is {}: it takes no new steps", fmt_id(&parent), status.name()),
+                        format!(
+                            "run {} is {}: it takes no new steps",
+                            fmt_id(&parent),
+                            status.name()
+                        ),
                     );
                 }
             }
@@ -677,7 +690,15 @@ fn create(
                 start_ms: 0,
                 end_ms: 0,
             };
-            adjust_run(tx, index, at_ms, run, None, Some(RunStatus::Initializing), false)?;
+            adjust_run(
+                tx,
+                index,
+                at_ms,
+                run,
+                None,
+                Some(RunStatus::Initializing),
+                false,
+            )?;
             if !cache_key.is_empty() {
                 tx.put(
                     keys::meta_cache(&ancestors.get(2).copied().unwrap_or(NIL), &cache_key),
@@ -918,10 +939,13 @@ fn merge_spec(tx: &Tx<'_>, old: &Record, given: &Spec) -> R<Spec> {
             description,
             run_count: *run_count,
         },
-        (old_s @ Spec::PipelineRun { .. }, Spec::PipelineRun {
-            orchestrator_run_id: o,
-            ..
-        }) => {
+        (
+            old_s @ Spec::PipelineRun { .. },
+            Spec::PipelineRun {
+                orchestrator_run_id: o,
+                ..
+            },
+        ) => {
             let mut s = old_s.clone();
             if let Spec::PipelineRun {
                 orchestrator_run_id,
@@ -1192,7 +1216,8 @@ fn promote(
 ) -> R<Record> {
     let old = tx.must_kind(id, Kind::ModelVersion)?;
     if stage.exclusive() {
-        let prefix = keys::meta_index_prefix(index::IX_STAGE, &[&old.parent[..], &[stage as u8]].concat());
+        let prefix =
+            keys::meta_index_prefix(index::IX_STAGE, &[&old.parent[..], &[stage as u8]].concat());
         for holder in index_ids(tx, &prefix, 16)? {
             if holder == *id {
                 continue;
@@ -1242,7 +1267,10 @@ fn add_api_key(
     check(validate_name(Kind::User, key_id).map_err(|e| format!("key id: {e}")))?;
     let ak = keys::meta_api_key(sha256);
     if tx.get(&ak)?.is_some() {
-        return refuse(MetaErrorKind::AlreadyExists, "this API key is already registered");
+        return refuse(
+            MetaErrorKind::AlreadyExists,
+            "this API key is already registered",
+        );
     }
     let mut new = old.clone();
     let mut dropped = Vec::new();
@@ -1341,13 +1369,7 @@ fn bindings_naming(tx: &Tx<'_>, id: &Id) -> Result<Vec<Record>, FsmError> {
     Ok(out)
 }
 
-fn delete(
-    tx: &mut Tx<'_>,
-    index: u64,
-    at_ms: u64,
-    id: &Id,
-    expected: Option<u64>,
-) -> R<u64> {
+fn delete(tx: &mut Tx<'_>, index: u64, at_ms: u64, id: &Id, expected: Option<u64>) -> R<u64> {
     let r = tx.must(id, "record")?;
     expect_rev(&r, expected)?;
     match &r.spec {
@@ -1371,7 +1393,10 @@ fn delete(
             }
         }
         Spec::Pipeline { .. } => {
-            let runs = read_count(tx, &keys::meta_count(&keys::meta_index_prefix(index::IX_PIPELINE, id)))?;
+            let runs = read_count(
+                tx,
+                &keys::meta_count(&keys::meta_index_prefix(index::IX_PIPELINE, id)),
+            )?;
             if runs > 0 {
                 return refuse(
                     MetaErrorKind::FailedPrecondition,
@@ -1386,8 +1411,14 @@ fn delete(
     // Bindings that name the record go with it (a user, team, role or scope).
     if matches!(
         r.kind(),
-        Kind::User | Kind::Team | Kind::Role | Kind::Workspace | Kind::Project | Kind::Pipeline
-            | Kind::Artifact | Kind::Model
+        Kind::User
+            | Kind::Team
+            | Kind::Role
+            | Kind::Workspace
+            | Kind::Project
+            | Kind::Pipeline
+            | Kind::Artifact
+            | Kind::Model
     ) {
         for b in bindings_naming(tx, id)? {
             tx.write_row(Some(&b), None)?;

@@ -96,17 +96,15 @@ pub fn entries(r: &Record) -> Vec<(Vec<u8>, Id)> {
                 r.id,
             ));
         }
-        Spec::RunMetadata { value } => {
-            // Listed under the run's project, pointing at the run (the parent).
-            if r.ancestors.len() == 4 {
-                out.push((
-                    keys::meta_index_prefix(
-                        IX_RUN_META,
-                        &run_meta_scope(&r.ancestors[2], &r.name, &value.canonical()),
-                    ),
-                    r.parent,
-                ));
-            }
+        // Listed under the run's project, pointing at the run (the parent).
+        Spec::RunMetadata { value } if r.ancestors.len() == 4 => {
+            out.push((
+                keys::meta_index_prefix(
+                    IX_RUN_META,
+                    &run_meta_scope(&r.ancestors[2], &r.name, &value.canonical()),
+                ),
+                r.parent,
+            ));
         }
         _ => {}
     }

@@ -236,7 +236,12 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 4] = [Stage::None, Stage::Staging, Stage::Production, Stage::Archived];
+    pub const ALL: [Stage; 4] = [
+        Stage::None,
+        Stage::Staging,
+        Stage::Production,
+        Stage::Archived,
+    ];
     pub fn exclusive(self) -> bool {
         matches!(self, Stage::Staging | Stage::Production)
     }
@@ -507,7 +512,9 @@ pub enum MetaOp {
         resume: bool,
     },
     /// A running step's heartbeat.
-    Heartbeat { id: Id },
+    Heartbeat {
+        id: Id,
+    },
     /// Moves a model version to a stage; the version holding an exclusive stage is archived when
     /// `archive_existing`, otherwise the promotion is refused.
     Promote {
@@ -522,7 +529,10 @@ pub enum MetaOp {
         sha256: [u8; 32],
         grace_ms: u64,
     },
-    RevokeApiKey { user: Id, key_id: String },
+    RevokeApiKey {
+        user: Id,
+        key_id: String,
+    },
     /// Deletes up to `limit` runs of a project created before `before_ms`, with their steps and
     /// metadata (oldest first). The response says whether more remain.
     PurgeRuns {
@@ -546,7 +556,16 @@ pub enum MetaErrorKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum MetaResponse {
     Record(Box<Record>),
-    Deleted { removed: u64 },
-    Purged { removed: u64, runs: u64, more: bool },
-    Error { kind: MetaErrorKind, message: String },
+    Deleted {
+        removed: u64,
+    },
+    Purged {
+        removed: u64,
+        runs: u64,
+        more: bool,
+    },
+    Error {
+        kind: MetaErrorKind,
+        message: String,
+    },
 }

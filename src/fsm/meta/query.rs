@@ -267,7 +267,7 @@ fn encode_token(check: u32, last_key_tail: &[u8]) -> String {
 
 fn decode_token(tok: &str, check: u32) -> Result<Vec<u8>, QueryError> {
     let bad = || QueryError::Invalid("malformed or foreign page token".into());
-    if tok.len() % 2 != 0 || tok.len() < 8 || tok.len() > 2048 {
+    if !tok.len().is_multiple_of(2) || tok.len() < 8 || tok.len() > 2048 {
         return Err(bad());
     }
     let bytes: Result<Vec<u8>, _> = (0..tok.len())
@@ -335,7 +335,11 @@ pub fn list(state: &dyn StateRead, q: &ListQuery) -> Result<ListPage, QueryError
             exhausted = true;
             break;
         }
-        let want = if plan.residual { 256 } else { size - records.len() + 1 };
+        let want = if plan.residual {
+            256
+        } else {
+            size - records.len() + 1
+        };
         let rows = state.scan(&start, &hi, want)?;
         if rows.is_empty() {
             exhausted = true;
@@ -440,7 +444,8 @@ fn list_by_name(
         (Some(k), true) => encode_token(check, &k[prefix.len()..]),
         _ => String::new(),
     };
-    let children = keys::meta_index_prefix(index::IX_CHILDREN, &[&q.parent[..], &[kind as u8]].concat());
+    let children =
+        keys::meta_index_prefix(index::IX_CHILDREN, &[&q.parent[..], &[kind as u8]].concat());
     Ok(ListPage {
         records,
         next_page_token,

@@ -43,9 +43,11 @@ pub fn action_name(a: u8) -> &'static str {
 }
 
 pub fn parse_action(s: &str) -> Option<u8> {
-    [A_CREATE, A_READ, A_UPDATE, A_DELETE, A_SHARE, A_PROMOTE, ANY]
-        .into_iter()
-        .find(|a| action_name(*a) == s)
+    [
+        A_CREATE, A_READ, A_UPDATE, A_DELETE, A_SHARE, A_PROMOTE, ANY,
+    ]
+    .into_iter()
+    .find(|a| action_name(*a) == s)
 }
 
 pub fn resource_name(rt: u8) -> &'static str {
@@ -132,7 +134,11 @@ pub fn builtin_roles() -> Vec<(&'static str, Vec<Permission>)> {
         }
     }
     let viewer = vec![p(ANY, A_READ)];
-    vec![("admin", admin), ("developer", developer), ("viewer", viewer)]
+    vec![
+        ("admin", admin),
+        ("developer", developer),
+        ("viewer", viewer),
+    ]
 }
 
 /// Why a check was allowed or denied.
@@ -244,11 +250,9 @@ impl RbacIndex {
 
     fn put(&mut self, r: &Record) {
         match &r.spec {
-            Spec::User { active, .. } => {
-                // Only the active flag matters to checks; other user updates change nothing.
-                if self.users.insert(r.id, *active) != Some(*active) {
-                    self.dirty = true;
-                }
+            // Only the active flag matters to checks; other user updates change nothing.
+            Spec::User { active, .. } if self.users.insert(r.id, *active) != Some(*active) => {
+                self.dirty = true;
             }
             Spec::Team { members } => {
                 self.teams.insert(r.id, members.clone());
@@ -316,7 +320,7 @@ impl RbacIndex {
         // Deterministic order for explain: by binding id.
         for g in grants.values_mut() {
             for v in g.values_mut() {
-                v.sort_by(|a, b| a.1.cmp(&b.1));
+                v.sort_by_key(|a| a.1);
             }
         }
         self.grants = grants;
@@ -339,7 +343,10 @@ impl RbacIndex {
             Some(true) => {}
         }
         let Some(r) = load_record(state, target)? else {
-            return Ok(Reason::Denied(format!("resource {} not found", fmt_id(target))));
+            return Ok(Reason::Denied(format!(
+                "resource {} not found",
+                fmt_id(target)
+            )));
         };
         let rt = rt.unwrap_or(r.kind() as u8);
         if r.owner == *subject && rt == r.kind() as u8 {
