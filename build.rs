@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/metaraft/v1/kv.proto",
                 "proto/metaraft/v1/backup.proto",
+                "proto/metaraft/v1/meta.proto",
                 "proto/metaraft/v1/peer.proto",
             ],
             &["proto"],

@@ -135,6 +135,11 @@ impl Server {
         let kv = crate::pb::kv_server::KvServer::new(Api { node: node.clone() })
             .max_decoding_message_size(max_req);
         let cluster = crate::pb::cluster_server::ClusterServer::new(Api { node: node.clone() });
+        let metadata = crate::pb::metadata_server::MetadataServer::new(Api { node: node.clone() })
+            .max_decoding_message_size(max_req);
+        let identity = crate::pb::identity_server::IdentityServer::new(Api { node: node.clone() });
+        let rbac = crate::pb::rbac_server::RbacServer::new(Api { node: node.clone() })
+            .max_decoding_message_size(max_req);
         let backup = crate::pb::backup_server::BackupServer::new(crate::api::backup::BackupApi {
             node: node.clone(),
             log,
@@ -146,6 +151,9 @@ impl Server {
                 .add_service(kv)
                 .add_service(cluster)
                 .add_service(backup)
+                .add_service(metadata)
+                .add_service(identity)
+                .add_service(rbac)
                 .serve_with_incoming_shutdown(client_l, async move {
                     let _ = rx.changed().await;
                 })

@@ -1,9 +1,11 @@
-//! Public gRPC services on the client port: `Kv`, `Cluster` and `Backup` (backup.rs).
+//! Public gRPC services on the client port: `Kv`, `Cluster`, `Backup` (backup.rs) and the
+//! metadata services `Metadata`, `Identity` and `Rbac` (meta.rs).
 //!
 //! Requests are validated here (sizes, empty keys, unknown enum values), turned into one Raft
 //! command per write, and answered with the revision. Errors go through [`status`].
 
 pub mod backup;
+pub mod meta;
 pub mod status;
 
 use std::sync::Arc;

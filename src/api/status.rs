@@ -6,6 +6,8 @@
 use tonic::{Code, Status};
 
 use crate::consensus::ConsensusError;
+use crate::fsm::meta::query::QueryError;
+use crate::fsm::meta::MetaErrorKind;
 use crate::storage::StorageError;
 
 /// API-layer errors: request validation plus what the layers below report.
@@ -27,6 +29,25 @@ pub enum ApiError {
     Purged { from: u64, first: u64 },
     #[error("{0}")]
     NotDr(String),
+    /// A metadata-domain refusal decided by the state machine (or a query).
+    #[error("{1}")]
+    Meta(MetaErrorKind, String),
+}
+
+impl From<crate::fsm::FsmError> for ApiError {
+    fn from(e: crate::fsm::FsmError) -> ApiError {
+        ApiError::Storage(StorageError::Fsm(e))
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> ApiError {
+        match e {
+            QueryError::Invalid(m) => ApiError::Invalid(m),
+            QueryError::NotFound(m) => ApiError::Meta(MetaErrorKind::NotFound, m),
+            QueryError::Fsm(f) => ApiError::Storage(StorageError::Fsm(f)),
+        }
+    }
 }
 
 impl From<ApiError> for Status {
@@ -48,6 +69,13 @@ impl From<ApiError> for Status {
             ApiError::Internal(_) => (Code::Internal, "MR-INTERNAL"),
             ApiError::Purged { .. } => (Code::FailedPrecondition, "MR-BACKUP-PURGED"),
             ApiError::NotDr(_) => (Code::FailedPrecondition, "MR-NOTDR"),
+            ApiError::Meta(k, _) => match k {
+                MetaErrorKind::NotFound => (Code::NotFound, "MR-NOTFOUND"),
+                MetaErrorKind::AlreadyExists => (Code::AlreadyExists, "MR-EXISTS"),
+                MetaErrorKind::FailedPrecondition => (Code::FailedPrecondition, "MR-PRECONDITION"),
+                MetaErrorKind::Invalid => (Code::InvalidArgument, "MR-INVALID"),
+                MetaErrorKind::RevisionMismatch => (Code::FailedPrecondition, "MR-CAS"),
+            },
         };
         Status::new(code, format!("[{tag}] {e}"))
     }
@@ -63,6 +91,7 @@ pub fn code_name(c: Code) -> &'static str {
         Code::Unavailable => "unavailable",
         Code::Internal => "internal",
         Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
         _ => "other",
     }
 }
@@ -85,5 +114,12 @@ mod tests {
         }
         .into();
         assert_eq!(s.code(), Code::FailedPrecondition);
+        let s: Status = ApiError::Meta(MetaErrorKind::AlreadyExists, "taken".into()).into();
+        assert_eq!(s.code(), Code::AlreadyExists);
+        assert!(s.message().starts_with("[MR-EXISTS] taken"));
+        let s: Status = ApiError::Meta(MetaErrorKind::FailedPrecondition, "run is failed".into()).into();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        let s: Status = ApiError::from(QueryError::NotFound("gone".into())).into();
+        assert_eq!(s.code(), Code::NotFound);
     }
 }

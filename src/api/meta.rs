@@ -1,0 +1,920 @@
+//! The metadata gRPC services: `Metadata` (resources), `Identity` (API keys) and `Rbac`.
+//!
+//! This layer only translates: protobuf <-> domain types, id parsing, and one [`MetaOp`] per
+//! write. Every rule is decided by the state machine (`fsm::meta::apply`); reads run the pure
+//! queries of `fsm::meta::query` over one consistent snapshot.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use super::status::ApiError;
+use super::{Api, ApiResult};
+use crate::fsm::meta::query::{self, ListQuery, Order};
+use crate::fsm::meta::rbac::{self, Reason};
+use crate::fsm::meta::{
+    fmt_id, parse_id, Id, Kind, MetaErrorKind, MetaOp, MetaResponse, MetaValue, Permission,
+    Record, RunStatus, Spec, Stage, NIL,
+};
+use crate::fsm::{self, Command};
+use crate::pb;
+use crate::pb::identity_server::Identity;
+use crate::pb::metadata_server::Metadata;
+use crate::pb::rbac_server::Rbac;
+
+/// Most resources one CheckPermissions call may ask about.
+pub const MAX_CHECK_BATCH: usize = 1000;
+
+fn id_field(field: &str, s: &str) -> ApiResult<Id> {
+    parse_id(s).map_err(|e| ApiError::Invalid(format!("{field}: {e}")))
+}
+
+/// An optional id: empty = none.
+fn opt_id(field: &str, s: &str) -> ApiResult<Id> {
+    if s.is_empty() {
+        Ok(NIL)
+    } else {
+        id_field(field, s)
+    }
+}
+
+fn out_id(id: &Id) -> String {
+    if *id == NIL {
+        String::new()
+    } else {
+        fmt_id(id)
+    }
+}
+
+fn kind_from_pb(k: i32) -> ApiResult<Kind> {
+    u8::try_from(k)
+        .ok()
+        .and_then(Kind::from_u8)
+        .ok_or_else(|| ApiError::Invalid(format!("unknown resource kind {k}")))
+}
+
+fn status_from_pb(s: i32) -> ApiResult<RunStatus> {
+    RunStatus::ALL
+        .iter()
+        .copied()
+        .find(|x| *x as i32 == s)
+        .ok_or_else(|| ApiError::Invalid(format!("unknown run status {s}")))
+}
+
+fn stage_from_pb(s: i32) -> ApiResult<Stage> {
+    Stage::ALL
+        .iter()
+        .copied()
+        .find(|x| *x as i32 == s)
+        .ok_or_else(|| ApiError::Invalid(format!("unknown model stage {s}")))
+}
+
+fn value_from_pb(v: Option<&pb::MetadataValue>) -> ApiResult<MetaValue> {
+    use pb::metadata_value::Value;
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(Value::Str(s)) => Ok(MetaValue::Str(s.clone())),
+        Some(Value::Int(i)) => Ok(MetaValue::Int(*i)),
+        Some(Value::Float(f)) => Ok(MetaValue::Float(f.to_bits())),
+        Some(Value::Bool(b)) => Ok(MetaValue::Bool(*b)),
+        None => Err(ApiError::Invalid("metadata value is missing".into())),
+    }
+}
+
+fn value_to_pb(v: &MetaValue) -> pb::MetadataValue {
+    use pb::metadata_value::Value;
+    pb::MetadataValue {
+        value: Some(match v {
+            MetaValue::Str(s) => Value::Str(s.clone()),
+            MetaValue::Int(i) => Value::Int(*i),
+            MetaValue::Float(f) => Value::Float(f64::from_bits(*f)),
+            MetaValue::Bool(b) => Value::Bool(*b),
+        }),
+    }
+}
+
+fn permission_from_pb(p: &pb::Permission) -> ApiResult<Permission> {
+    let resource = rbac::parse_resource(&p.resource_type).ok_or_else(|| {
+        ApiError::Invalid(format!("unknown resource type {:?}", p.resource_type))
+    })?;
+    let action = rbac::parse_action(&p.action)
+        .ok_or_else(|| ApiError::Invalid(format!("unknown action {:?}", p.action)))?;
+    Ok(Permission { resource, action })
+}
+
+/// The domain spec of a resource message (output-only fields ignored).
+pub fn spec_from_pb(r: &pb::Resource) -> ApiResult<Spec> {
+    use pb::resource::Spec as S;
+    let spec = r
+        .spec
+        .as_ref()
+        .ok_or_else(|| ApiError::Invalid("resource has no spec".into()))?;
+    Ok(match spec {
+        S::Organization(s) => Spec::Organization {
+            display_name: s.display_name.clone(),
+        },
+        S::Workspace(s) => Spec::Workspace {
+            display_name: s.display_name.clone(),
+        },
+        S::Project(s) => Spec::Project {
+            display_name: s.display_name.clone(),
+            description: s.description.clone(),
+        },
+        S::User(s) => Spec::User {
+            email: s.email.clone(),
+            external_id: s.external_id.clone(),
+            active: s.active,
+            service_account: s.service_account,
+            api_keys: Vec::new(),
+        },
+        S::Team(s) => Spec::Team {
+            members: s
+                .member_ids
+                .iter()
+                .map(|m| id_field("member_ids", m))
+                .collect::<ApiResult<_>>()?,
+        },
+        S::Role(s) => Spec::Role {
+            permissions: s
+                .permissions
+                .iter()
+                .map(permission_from_pb)
+                .collect::<ApiResult<_>>()?,
+            builtin: false,
+        },
+        S::RoleBinding(s) => Spec::RoleBinding {
+            subject: id_field("subject_id", &s.subject_id)?,
+            role: id_field("role_id", &s.role_id)?,
+            scope: id_field("scope_id", &s.scope_id)?,
+        },
+        S::Pipeline(s) => Spec::Pipeline {
+            description: s.description.clone(),
+            run_count: 0,
+        },
+        S::PipelineRun(s) => {
+            let mut step_counts = [0u32; 9];
+            step_counts[0] = s.expected_steps;
+            Spec::PipelineRun {
+                pipeline: opt_id("pipeline_id", &s.pipeline_id)?,
+                orchestrator_run_id: s.orchestrator_run_id.clone(),
+                parent_run: opt_id("parent_run_id", &s.parent_run_id)?,
+                status: RunStatus::Initializing,
+                start_ms: 0,
+                end_ms: 0,
+                step_counts,
+                index: 0,
+            }
+        }
+        S::StepRun(s) => Spec::StepRun {
+            attempt: s.attempt,
+            cache_key: s.cache_key.clone(),
+            status: RunStatus::Initializing,
+            heartbeat_ms: 0,
+            start_ms: 0,
+            end_ms: 0,
+        },
+        S::Artifact(s) => Spec::Artifact {
+            artifact_type: s.artifact_type.clone(),
+            latest_version: 0,
+        },
+        S::ArtifactVersion(s) => Spec::ArtifactVersion {
+            uri: s.uri.clone(),
+            content_hash: s.content_hash.clone(),
+            run: opt_id("run_id", &s.run_id)?,
+            number: 0,
+        },
+        S::Model(s) => Spec::Model {
+            description: s.description.clone(),
+            latest_version: 0,
+        },
+        S::ModelVersion(s) => Spec::ModelVersion {
+            artifact_version: opt_id("artifact_version_id", &s.artifact_version_id)?,
+            run: opt_id("run_id", &s.run_id)?,
+            number: 0,
+            stage: Stage::None,
+        },
+        S::RunMetadata(s) => Spec::RunMetadata {
+            value: value_from_pb(s.value.as_ref())?,
+        },
+    })
+}
+
+pub fn record_to_pb(r: &Record) -> pb::Resource {
+    use pb::resource::Spec as S;
+    let spec = match &r.spec {
+        Spec::Organization { display_name } => S::Organization(pb::OrganizationSpec {
+            display_name: display_name.clone(),
+        }),
+        Spec::Workspace { display_name } => S::Workspace(pb::WorkspaceSpec {
+            display_name: display_name.clone(),
+        }),
+        Spec::Project {
+            display_name,
+            description,
+        } => S::Project(pb::ProjectSpec {
+            display_name: display_name.clone(),
+            description: description.clone(),
+        }),
+        Spec::User {
+            email,
+            external_id,
+            active,
+            service_account,
+            api_keys,
+        } => S::User(pb::UserSpec {
+            email: email.clone(),
+            external_id: external_id.clone(),
+            active: *active,
+            service_account: *service_account,
+            api_keys: api_keys
+                .iter()
+                .map(|k| pb::ApiKeyInfo {
+                    key_id: k.key_id.clone(),
+                    created_ms: k.created_ms,
+                    expires_ms: k.expires_ms,
+                })
+                .collect(),
+        }),
+        Spec::Team { members } => S::Team(pb::TeamSpec {
+            member_ids: members.iter().map(fmt_id).collect(),
+        }),
+        Spec::Role {
+            permissions,
+            builtin,
+        } => S::Role(pb::RoleSpec {
+            permissions: permissions
+                .iter()
+                .map(|p| pb::Permission {
+                    resource_type: rbac::resource_name(p.resource).into(),
+                    action: rbac::action_name(p.action).into(),
+                })
+                .collect(),
+            builtin: *builtin,
+        }),
+        Spec::RoleBinding {
+            subject,
+            role,
+            scope,
+        } => S::RoleBinding(pb::RoleBindingSpec {
+            subject_id: fmt_id(subject),
+            role_id: fmt_id(role),
+            scope_id: fmt_id(scope),
+        }),
+        Spec::Pipeline {
+            description,
+            run_count,
+        } => S::Pipeline(pb::PipelineSpec {
+            description: description.clone(),
+            run_count: *run_count,
+        }),
+        Spec::PipelineRun {
+            pipeline,
+            orchestrator_run_id,
+            parent_run,
+            status,
+            start_ms,
+            end_ms,
+            step_counts,
+            index,
+        } => S::PipelineRun(pb::PipelineRunSpec {
+            pipeline_id: out_id(pipeline),
+            orchestrator_run_id: orchestrator_run_id.clone(),
+            parent_run_id: out_id(parent_run),
+            expected_steps: step_counts[0],
+            status: *status as i32,
+            start_ms: *start_ms,
+            end_ms: *end_ms,
+            index: *index,
+            step_counts: RunStatus::ALL
+                .iter()
+                .filter(|s| step_counts[**s as usize] > 0)
+                .map(|s| (s.name().to_string(), step_counts[*s as usize]))
+                .collect::<HashMap<_, _>>(),
+        }),
+        Spec::StepRun {
+            attempt,
+            cache_key,
+            status,
+            heartbeat_ms,
+            start_ms,
+            end_ms,
+        } => S::StepRun(pb::StepRunSpec {
+            attempt: *attempt,
+            cache_key: cache_key.clone(),
+            status: *status as i32,
+            heartbeat_ms: *heartbeat_ms,
+            start_ms: *start_ms,
+            end_ms: *end_ms,
+        }),
+        Spec::Artifact {
+            artifact_type,
+            latest_version,
+        } => S::Artifact(pb::ArtifactSpec {
+            artifact_type: artifact_type.clone(),
+            latest_version: *latest_version,
+        }),
+        Spec::ArtifactVersion {
+            uri,
+            content_hash,
+            run,
+            number,
+        } => S::ArtifactVersion(pb::ArtifactVersionSpec {
+            uri: uri.clone(),
+            content_hash: content_hash.clone(),
+            run_id: out_id(run),
+            number: *number,
+        }),
+        Spec::Model {
+            description,
+            latest_version,
+        } => S::Model(pb::ModelSpec {
+            description: description.clone(),
+            latest_version: *latest_version,
+        }),
+        Spec::ModelVersion {
+            artifact_version,
+            run,
+            number,
+            stage,
+        } => S::ModelVersion(pb::ModelVersionSpec {
+            artifact_version_id: out_id(artifact_version),
+            run_id: out_id(run),
+            number: *number,
+            stage: *stage as i32,
+        }),
+        Spec::RunMetadata { value } => S::RunMetadata(pb::RunMetadataSpec {
+            value: Some(value_to_pb(value)),
+        }),
+    };
+    pb::Resource {
+        id: fmt_id(&r.id),
+        kind: r.kind() as i32,
+        parent_id: out_id(&r.parent),
+        name: r.name.clone(),
+        owner_id: out_id(&r.owner),
+        tags: r.tags.clone(),
+        ancestor_ids: r.ancestors.iter().map(fmt_id).collect(),
+        created_ms: r.created_ms,
+        updated_ms: r.updated_ms,
+        create_revision: r.create_revision,
+        mod_revision: r.mod_revision,
+        spec: Some(spec),
+    }
+}
+
+/// A fresh random (v4) UUID for a new resource.
+fn new_id() -> Id {
+    let mut id: Id = rand::random();
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    id
+}
+
+fn sha256(s: &str) -> [u8; 32] {
+    let d = Sha256::digest(s.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&d);
+    out
+}
+
+fn action_field(a: &str) -> ApiResult<u8> {
+    rbac::parse_action(a)
+        .filter(|a| *a != rbac::ANY)
+        .ok_or_else(|| ApiError::Invalid(format!("unknown action {a:?}")))
+}
+
+fn rt_field(rt: &str) -> ApiResult<Option<u8>> {
+    if rt.is_empty() {
+        return Ok(None);
+    }
+    rbac::parse_resource(rt)
+        .filter(|r| *r != rbac::ANY)
+        .map(Some)
+        .ok_or_else(|| ApiError::Invalid(format!("unknown resource type {rt:?}")))
+}
+
+impl Api {
+    /// Commits one meta op; a domain refusal becomes its gRPC status.
+    async fn meta_write(&self, request_id: String, op: MetaOp) -> ApiResult<(MetaResponse, u64)> {
+        self.check_request_id(&request_id)?;
+        let cmd = Command::meta(&op).map_err(|e| ApiError::Internal(e.to_string()))?;
+        match self.write(request_id, cmd).await? {
+            fsm::Response::Meta {
+                revision,
+                response: MetaResponse::Error { kind, message },
+            } => {
+                let _ = revision;
+                Err(ApiError::Meta(kind, message))
+            }
+            fsm::Response::Meta { revision, response } => Ok((response, revision)),
+            other => Err(ApiError::Internal(format!(
+                "unexpected response to a meta command: {other:?}"
+            ))),
+        }
+    }
+
+    async fn record_write(&self, request_id: String, op: MetaOp) -> ApiResult<pb::ResourceResponse> {
+        match self.meta_write(request_id, op).await? {
+            (MetaResponse::Record(r), revision) => Ok(pb::ResourceResponse {
+                resource: Some(record_to_pb(&r)),
+                revision,
+            }),
+            (other, _) => Err(ApiError::Internal(format!(
+                "unexpected meta response {other:?}"
+            ))),
+        }
+    }
+
+    async fn create_inner(&self, r: pb::CreateResourceRequest) -> ApiResult<pb::ResourceResponse> {
+        let res = r
+            .resource
+            .ok_or_else(|| ApiError::Invalid("resource is required".into()))?;
+        let spec = spec_from_pb(&res)?;
+        let id = if res.id.is_empty() {
+            new_id()
+        } else {
+            id_field("id", &res.id)?
+        };
+        let op = MetaOp::Create {
+            id,
+            parent: opt_id("parent_id", &res.parent_id)?,
+            name: res.name,
+            owner: opt_id("owner_id", &res.owner_id)?,
+            tags: res.tags,
+            spec,
+        };
+        self.record_write(r.request_id, op).await
+    }
+
+    async fn get_meta_inner(&self, r: pb::GetResourceRequest) -> ApiResult<pb::ResourceResponse> {
+        use pb::get_resource_request::Key;
+        enum K {
+            Id(Id),
+            Name(Kind, Id, String, u32),
+        }
+        let key = match r.key {
+            Some(Key::Id(s)) => K::Id(id_field("id", &s)?),
+            Some(Key::ByName(b)) => K::Name(
+                kind_from_pb(b.kind)?,
+                opt_id("parent_id", &b.parent_id)?,
+                b.name,
+                b.attempt,
+            ),
+            None => return Err(ApiError::Invalid("give an id or by_name".into())),
+        };
+        let barrier = self.read_barrier(r.read).await?;
+        let (rec, applied) = self.node.sm.read_view(|v| {
+            let rec = match &key {
+                K::Id(id) => query::get(v, id),
+                K::Name(k, p, n, a) => query::get_by_name(v, *k, p, n, *a),
+            };
+            (rec, v.applied)
+        })?;
+        Ok(pb::ResourceResponse {
+            resource: Some(record_to_pb(&rec?)),
+            revision: applied.max(barrier),
+        })
+    }
+
+    async fn update_inner(&self, r: pb::UpdateResourceRequest) -> ApiResult<pb::ResourceResponse> {
+        let spec = match &r.spec {
+            Some(s) => Some(spec_from_pb(s)?),
+            None => None,
+        };
+        let op = MetaOp::Update {
+            id: id_field("id", &r.id)?,
+            expected_revision: r.expected_revision,
+            name: r.name,
+            tags: r.set_tags.then_some(r.tags),
+            spec,
+        };
+        self.record_write(r.request_id, op).await
+    }
+
+    async fn delete_meta_inner(
+        &self,
+        r: pb::DeleteResourceRequest,
+    ) -> ApiResult<pb::DeleteResourceResponse> {
+        let op = MetaOp::Delete {
+            id: id_field("id", &r.id)?,
+            expected_revision: r.expected_revision,
+        };
+        match self.meta_write(r.request_id, op).await? {
+            (MetaResponse::Deleted { removed }, revision) => {
+                Ok(pb::DeleteResourceResponse { removed, revision })
+            }
+            (other, _) => Err(ApiError::Internal(format!(
+                "unexpected meta response {other:?}"
+            ))),
+        }
+    }
+
+    async fn list_inner(&self, r: pb::ListResourcesRequest) -> ApiResult<pb::ListResourcesResponse> {
+        let q = ListQuery {
+            kind: Some(kind_from_pb(r.kind)?),
+            parent: opt_id("parent_id", &r.parent_id)?,
+            status: match r.status {
+                0 => None,
+                s => Some(status_from_pb(s)?),
+            },
+            pipeline: match r.pipeline_id.as_str() {
+                "" => None,
+                s => Some(id_field("pipeline_id", s)?),
+            },
+            owner: match r.owner_id.as_str() {
+                "" => None,
+                s => Some(id_field("owner_id", s)?),
+            },
+            tag: (!r.tag.is_empty()).then_some(r.tag),
+            metadata: if r.metadata_key.is_empty() {
+                None
+            } else {
+                Some((r.metadata_key, value_from_pb(r.metadata_value.as_ref())?))
+            },
+            stage: match r.stage {
+                None => None,
+                Some(s) => Some(stage_from_pb(s)?),
+            },
+            created_after_ms: (r.created_after_ms > 0).then_some(r.created_after_ms),
+            created_before_ms: (r.created_before_ms > 0).then_some(r.created_before_ms),
+            order: match r.order {
+                0 => Order::Newest,
+                1 => Order::Name,
+                o => return Err(ApiError::Invalid(format!("unknown order {o}"))),
+            },
+            page_size: r.page_size as usize,
+            page_token: r.page_token,
+        };
+        let barrier = self.read_barrier(r.read).await?;
+        let sm = self.node.sm.clone();
+        let (page, applied) = tokio::task::spawn_blocking(move || {
+            sm.read_view(|v| (query::list(v, &q), v.applied))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let page = page?;
+        Ok(pb::ListResourcesResponse {
+            resources: page.records.iter().map(record_to_pb).collect(),
+            next_page_token: page.next_page_token,
+            total: page.total,
+            total_exact: page.total_exact,
+            applied_index: applied.max(barrier),
+        })
+    }
+
+    async fn cache_key_inner(&self, r: pb::CacheKeyRequest) -> ApiResult<pb::ResourceResponse> {
+        let project = id_field("project_id", &r.project_id)?;
+        let barrier = self.read_barrier(r.read).await?;
+        let (rec, applied) = self
+            .node
+            .sm
+            .read_view(|v| (query::by_cache_key(v, &project, &r.cache_key), v.applied))?;
+        Ok(pb::ResourceResponse {
+            resource: Some(record_to_pb(&rec?)),
+            revision: applied.max(barrier),
+        })
+    }
+
+    async fn purge_inner(&self, r: pb::PurgeRunsRequest) -> ApiResult<pb::PurgeRunsResponse> {
+        let op = MetaOp::PurgeRuns {
+            project: id_field("project_id", &r.project_id)?,
+            before_ms: r.before_ms,
+            limit: r.limit,
+        };
+        match self.meta_write(r.request_id, op).await? {
+            (MetaResponse::Purged { removed, runs, more }, revision) => {
+                Ok(pb::PurgeRunsResponse {
+                    runs,
+                    removed,
+                    more,
+                    revision,
+                })
+            }
+            (other, _) => Err(ApiError::Internal(format!(
+                "unexpected meta response {other:?}"
+            ))),
+        }
+    }
+
+    async fn create_key_inner(
+        &self,
+        r: pb::CreateApiKeyRequest,
+    ) -> ApiResult<pb::CreateApiKeyResponse> {
+        let user = id_field("service_account_id", &r.service_account_id)?;
+        // The secret is made here and only its hash is replicated: apply never sees it.
+        let secret = format!("mrk_{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
+        let op = MetaOp::AddApiKey {
+            user,
+            key_id: r.key_id,
+            sha256: sha256(&secret),
+            grace_ms: r.grace_ms,
+        };
+        match self.meta_write(r.request_id, op).await? {
+            (MetaResponse::Record(rec), revision) => Ok(pb::CreateApiKeyResponse {
+                secret,
+                service_account: Some(record_to_pb(&rec)),
+                revision,
+            }),
+            (other, _) => Err(ApiError::Internal(format!(
+                "unexpected meta response {other:?}"
+            ))),
+        }
+    }
+
+    async fn verify_key_inner(
+        &self,
+        r: pb::VerifyApiKeyRequest,
+    ) -> ApiResult<pb::VerifyApiKeyResponse> {
+        if r.secret.is_empty() || r.secret.len() > 256 {
+            return Err(ApiError::Invalid("secret must be 1..256 bytes".into()));
+        }
+        self.read_barrier(r.read).await?;
+        let h = sha256(&r.secret);
+        let now = crate::metrics::now_unix_ms();
+        let user = self
+            .node
+            .sm
+            .read_view(|v| query::verify_api_key(v, &h, now))??;
+        Ok(pb::VerifyApiKeyResponse {
+            valid: user.is_some(),
+            service_account: user.as_ref().map(record_to_pb),
+        })
+    }
+
+    async fn check_inner(
+        &self,
+        r: pb::CheckPermissionsRequest,
+    ) -> ApiResult<pb::CheckPermissionsResponse> {
+        let subject = id_field("subject_id", &r.subject_id)?;
+        let action = action_field(&r.action)?;
+        let rt = rt_field(&r.resource_type)?;
+        if r.resource_ids.len() > MAX_CHECK_BATCH {
+            return Err(ApiError::TooLarge(format!(
+                "{} resources, limit {MAX_CHECK_BATCH}",
+                r.resource_ids.len()
+            )));
+        }
+        let ids: Vec<Id> = r
+            .resource_ids
+            .iter()
+            .map(|s| id_field("resource_ids", s))
+            .collect::<ApiResult<_>>()?;
+        let barrier = self.read_barrier(r.read).await?;
+        let (allowed, applied) = self.node.sm.with_rbac(|ix, v| {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in &ids {
+                out.push(ix.check(v, &subject, action, rt, id).map(|d| d.allowed())?);
+            }
+            Ok::<_, fsm::FsmError>((out, v.applied))
+        })??;
+        Ok(pb::CheckPermissionsResponse {
+            allowed,
+            applied_index: applied.max(barrier),
+        })
+    }
+
+    async fn list_allowed_inner(
+        &self,
+        r: pb::ListAllowedRequest,
+    ) -> ApiResult<pb::ListAllowedResponse> {
+        let subject = id_field("subject_id", &r.subject_id)?;
+        let action = action_field(&r.action)?;
+        let rt = rt_field(&r.resource_type)?
+            .ok_or_else(|| ApiError::Invalid("resource_type is required".into()))?;
+        let scope = id_field("scope_id", &r.scope_id)?;
+        let barrier = self.read_barrier(r.read).await?;
+        let out = self.node.sm.with_rbac(|ix, v| -> ApiResult<pb::ListAllowedResponse> {
+            let at_scope = ix.check(v, &subject, action, Some(rt), &scope)?;
+            let mut resp = pb::ListAllowedResponse {
+                applied_index: v.applied.max(barrier),
+                ..Default::default()
+            };
+            if matches!(at_scope, Reason::Binding { .. }) {
+                resp.all = true;
+                return Ok(resp);
+            }
+            if query::get(v, &scope).is_err() {
+                return Err(ApiError::Meta(
+                    MetaErrorKind::NotFound,
+                    format!("scope {} not found", fmt_id(&scope)),
+                ));
+            }
+            let mut ids = Vec::new();
+            for s in ix.granted_scopes(&subject, rt, action) {
+                let Ok(rec) = query::get(v, &s) else { continue };
+                if !rec.ancestors.contains(&scope) {
+                    continue;
+                }
+                if rec.kind() as u8 == rt {
+                    ids.push(s);
+                } else {
+                    resp.scope_ids.push(fmt_id(&s));
+                }
+            }
+            if let Some(kind) = Kind::from_u8(rt) {
+                ids.extend(query::owned_in_scope(v, &subject, kind, &scope, 10_000)?);
+            }
+            ids.sort();
+            ids.dedup();
+            resp.ids = ids.iter().map(fmt_id).collect();
+            Ok(resp)
+        })??;
+        Ok(out)
+    }
+
+    async fn explain_inner(&self, r: pb::ExplainRequest) -> ApiResult<pb::ExplainResponse> {
+        let subject = id_field("subject_id", &r.subject_id)?;
+        let action = action_field(&r.action)?;
+        let rt = rt_field(&r.resource_type)?;
+        let target = id_field("resource_id", &r.resource_id)?;
+        let barrier = self.read_barrier(r.read).await?;
+        let (reason, applied) = self
+            .node
+            .sm
+            .with_rbac(|ix, v| (ix.check(v, &subject, action, rt, &target), v.applied))?;
+        let reason = reason?;
+        let mut resp = pb::ExplainResponse {
+            allowed: reason.allowed(),
+            explanation: reason.describe(),
+            applied_index: applied.max(barrier),
+            ..Default::default()
+        };
+        match reason {
+            Reason::Owner => resp.owner = true,
+            Reason::Binding {
+                binding,
+                role,
+                scope,
+                team,
+            } => {
+                resp.binding_id = fmt_id(&binding);
+                resp.role = role;
+                resp.scope_id = fmt_id(&scope);
+                resp.team_id = team.map(|t| fmt_id(&t)).unwrap_or_default();
+            }
+            Reason::Denied(_) => {}
+        }
+        Ok(resp)
+    }
+}
+
+macro_rules! rpc {
+    ($self:ident, $name:literal, $call:expr) => {{
+        let t = Instant::now();
+        let r = $call.await.map(Response::new).map_err(Status::from);
+        $self.observe($name, t, &r);
+        r
+    }};
+}
+
+#[tonic::async_trait]
+impl Metadata for Api {
+    async fn create(
+        &self,
+        req: Request<pb::CreateResourceRequest>,
+    ) -> Result<Response<pb::ResourceResponse>, Status> {
+        rpc!(self, "MetaCreate", self.create_inner(req.into_inner()))
+    }
+    async fn get(
+        &self,
+        req: Request<pb::GetResourceRequest>,
+    ) -> Result<Response<pb::ResourceResponse>, Status> {
+        rpc!(self, "MetaGet", self.get_meta_inner(req.into_inner()))
+    }
+    async fn update(
+        &self,
+        req: Request<pb::UpdateResourceRequest>,
+    ) -> Result<Response<pb::ResourceResponse>, Status> {
+        rpc!(self, "MetaUpdate", self.update_inner(req.into_inner()))
+    }
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteResourceRequest>,
+    ) -> Result<Response<pb::DeleteResourceResponse>, Status> {
+        rpc!(self, "MetaDelete", self.delete_meta_inner(req.into_inner()))
+    }
+    async fn list(
+        &self,
+        req: Request<pb::ListResourcesRequest>,
+    ) -> Result<Response<pb::ListResourcesResponse>, Status> {
+        rpc!(self, "MetaList", self.list_inner(req.into_inner()))
+    }
+    async fn set_step_status(
+        &self,
+        req: Request<pb::SetStatusRequest>,
+    ) -> Result<Response<pb::ResourceResponse>, Status> {
+        let r = req.into_inner();
+        rpc!(self, "SetStepStatus", async {
+            let op = MetaOp::SetStepStatus {
+                id: id_field("id", &r.id)?,
+                status: status_from_pb(r.status)?,
+                resume: r.resume,
+            };
+            self.record_write(r.request_id, op).await
+        })
+    }
+    async fn set_run_status(
+        &self,
+        req: Request<pb::SetStatusRequest>,
+    ) -> Result<Response<pb::ResourceResponse>, Status> {
+        let r = req.into_inner();
+        rpc!(self, "SetRunStatus", async {
+            let op = MetaOp::SetRunStatus {
+                id: id_field("id", &r.id)?,
+                status: status_from_pb(r.status)?,
+                resume: r.resume,
+            };
+            self.record_write(r.request_id, op).await
+        })
+    }
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::ResourceResponse>, Status> {
+        let r = req.into_inner();
+        rpc!(self, "Heartbeat", async {
+            let op = MetaOp::Heartbeat {
+                id: id_field("id", &r.id)?,
+            };
+            self.record_write(r.request_id, op).await
+        })
+    }
+    async fn promote_model_version(
+        &self,
+        req: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::ResourceResponse>, Status> {
+        let r = req.into_inner();
+        rpc!(self, "PromoteModelVersion", async {
+            let op = MetaOp::Promote {
+                id: id_field("model_version_id", &r.model_version_id)?,
+                stage: stage_from_pb(r.stage)?,
+                archive_existing: r.archive_existing,
+            };
+            self.record_write(r.request_id, op).await
+        })
+    }
+    async fn purge_runs(
+        &self,
+        req: Request<pb::PurgeRunsRequest>,
+    ) -> Result<Response<pb::PurgeRunsResponse>, Status> {
+        rpc!(self, "PurgeRuns", self.purge_inner(req.into_inner()))
+    }
+    async fn find_step_by_cache_key(
+        &self,
+        req: Request<pb::CacheKeyRequest>,
+    ) -> Result<Response<pb::ResourceResponse>, Status> {
+        rpc!(self, "FindStepByCacheKey", self.cache_key_inner(req.into_inner()))
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for Api {
+    async fn create_api_key(
+        &self,
+        req: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        rpc!(self, "CreateApiKey", self.create_key_inner(req.into_inner()))
+    }
+    async fn revoke_api_key(
+        &self,
+        req: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::ResourceResponse>, Status> {
+        let r = req.into_inner();
+        rpc!(self, "RevokeApiKey", async {
+            let op = MetaOp::RevokeApiKey {
+                user: id_field("service_account_id", &r.service_account_id)?,
+                key_id: r.key_id,
+            };
+            self.record_write(r.request_id, op).await
+        })
+    }
+    async fn verify_api_key(
+        &self,
+        req: Request<pb::VerifyApiKeyRequest>,
+    ) -> Result<Response<pb::VerifyApiKeyResponse>, Status> {
+        rpc!(self, "VerifyApiKey", self.verify_key_inner(req.into_inner()))
+    }
+}
+
+#[tonic::async_trait]
+impl Rbac for Api {
+    async fn check_permissions(
+        &self,
+        req: Request<pb::CheckPermissionsRequest>,
+    ) -> Result<Response<pb::CheckPermissionsResponse>, Status> {
+        rpc!(self, "CheckPermissions", self.check_inner(req.into_inner()))
+    }
+    async fn list_allowed(
+        &self,
+        req: Request<pb::ListAllowedRequest>,
+    ) -> Result<Response<pb::ListAllowedResponse>, Status> {
+        rpc!(self, "ListAllowed", self.list_allowed_inner(req.into_inner()))
+    }
+    async fn explain(
+        &self,
+        req: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
+        rpc!(self, "Explain", self.explain_inner(req.into_inner()))
+    }
+}
