@@ -1,4 +1,4 @@
-//! Command line: `serve`, `dev`, `kv`, `cluster`, `bench`.
+//! Command line: `serve`, `dev`, `kv`, `cluster`, `meta`, `rbac`, `bench`, `backup`, `restore`, `dr`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +48,20 @@ pub enum Cmd {
     /// Rebuild a node's data directory from a backup, to any restorable index or time, as the
     /// first node of a new cluster lineage.
     Restore(crate::backup_cmd::RestoreArgs),
+    /// Metadata resources: create, get, list, delete, run/step status, model stages, API keys.
+    Meta {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        op: crate::meta_cmd::MetaCmd,
+    },
+    /// Roles, bindings, permission checks and `explain`.
+    Rbac {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        op: crate::meta_cmd::RbacCmd,
+    },
     /// DR replica: status (lag, last contact, snapshots) and promotion after losing the primary.
     Dr {
         #[command(flatten)]
@@ -248,6 +262,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Backup { op } => crate::backup_cmd::run(op),
         Cmd::Restore(a) => crate::backup_cmd::restore(a),
         Cmd::Dr { conn, op } => runtime()?.block_on(dr(conn, op)),
+        // The client's channels need the runtime, so they are made inside it.
+        Cmd::Meta { conn, op } => {
+            runtime()?.block_on(async { crate::meta_cmd::meta(conn.client()?, op).await })
+        }
+        Cmd::Rbac { conn, op } => {
+            runtime()?.block_on(async { crate::meta_cmd::rbac(conn.client()?, op).await })
+        }
     }
 }
 

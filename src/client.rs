@@ -1,4 +1,4 @@
-//! Client library for the Kv and Cluster services: several endpoints, fail-over on UNAVAILABLE.
+//! Client library for the Kv, Cluster, Backup and metadata services: several endpoints, fail-over on UNAVAILABLE.
 //! Used by the CLI, `metaraft bench` and the cluster tests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +10,35 @@ use tonic::{Code, Status};
 use crate::pb;
 use crate::pb::backup_client::BackupClient;
 use crate::pb::cluster_client::ClusterClient;
+use crate::pb::identity_client::IdentityClient;
 use crate::pb::kv_client::KvClient;
+use crate::pb::metadata_client::MetadataClient;
+use crate::pb::rbac_client::RbacClient;
+
+/// A fail-over method for one RPC; `write` ones get a request id so retries apply once.
+macro_rules! rpc_method {
+    ($(#[$m:meta])* $name:ident, $svc:ident, $rpc:ident, $req:ty, $resp:ty, write) => {
+        $(#[$m])*
+        pub async fn $name(&self, mut req: $req) -> Result<$resp, ClientError> {
+            fill_request_id(&mut req.request_id);
+            self.with_failover(|ch| {
+                let r = req.clone();
+                async move { $svc::new(ch).$rpc(r).await }
+            })
+            .await
+        }
+    };
+    ($(#[$m:meta])* $name:ident, $svc:ident, $rpc:ident, $req:ty, $resp:ty, read) => {
+        $(#[$m])*
+        pub async fn $name(&self, req: $req) -> Result<$resp, ClientError> {
+            self.with_failover(|ch| {
+                let r = req.clone();
+                async move { $svc::new(ch).$rpc(r).await }
+            })
+            .await
+        }
+    };
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -18,7 +46,7 @@ pub enum ClientError {
     NoEndpoints,
     #[error("bad endpoint {0:?}: {1}")]
     BadEndpoint(String, String),
-    #[error("{0}")]
+    #[error("{}: {}", .0.code(), .0.message())]
     Status(Box<Status>),
 }
 
@@ -99,6 +127,14 @@ impl Client {
         ClusterClient::new(self.channels[i % self.channels.len()].clone())
     }
 
+    pub fn metadata_at(&self, i: usize) -> MetadataClient<Channel> {
+        MetadataClient::new(self.channels[i % self.channels.len()].clone())
+    }
+
+    pub fn rbac_at(&self, i: usize) -> RbacClient<Channel> {
+        RbacClient::new(self.channels[i % self.channels.len()].clone())
+    }
+
     /// Tries endpoints round-robin until one answers with something other than UNAVAILABLE.
     async fn with_failover<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
     where
@@ -174,6 +210,143 @@ impl Client {
         })
         .await
     }
+
+    rpc_method!(
+        meta_create,
+        MetadataClient,
+        create,
+        pb::CreateResourceRequest,
+        pb::ResourceResponse,
+        write
+    );
+    rpc_method!(
+        meta_get,
+        MetadataClient,
+        get,
+        pb::GetResourceRequest,
+        pb::ResourceResponse,
+        read
+    );
+    rpc_method!(
+        meta_update,
+        MetadataClient,
+        update,
+        pb::UpdateResourceRequest,
+        pb::ResourceResponse,
+        write
+    );
+    rpc_method!(
+        meta_delete,
+        MetadataClient,
+        delete,
+        pb::DeleteResourceRequest,
+        pb::DeleteResourceResponse,
+        write
+    );
+    rpc_method!(
+        meta_list,
+        MetadataClient,
+        list,
+        pb::ListResourcesRequest,
+        pb::ListResourcesResponse,
+        read
+    );
+    rpc_method!(
+        set_step_status,
+        MetadataClient,
+        set_step_status,
+        pb::SetStatusRequest,
+        pb::ResourceResponse,
+        write
+    );
+    rpc_method!(
+        set_run_status,
+        MetadataClient,
+        set_run_status,
+        pb::SetStatusRequest,
+        pb::ResourceResponse,
+        write
+    );
+    rpc_method!(
+        heartbeat,
+        MetadataClient,
+        heartbeat,
+        pb::HeartbeatRequest,
+        pb::ResourceResponse,
+        write
+    );
+    rpc_method!(
+        promote_model_version,
+        MetadataClient,
+        promote_model_version,
+        pb::PromoteRequest,
+        pb::ResourceResponse,
+        write
+    );
+    rpc_method!(
+        purge_runs,
+        MetadataClient,
+        purge_runs,
+        pb::PurgeRunsRequest,
+        pb::PurgeRunsResponse,
+        write
+    );
+    rpc_method!(
+        find_step_by_cache_key,
+        MetadataClient,
+        find_step_by_cache_key,
+        pb::CacheKeyRequest,
+        pb::ResourceResponse,
+        read
+    );
+    rpc_method!(
+        create_api_key,
+        IdentityClient,
+        create_api_key,
+        pb::CreateApiKeyRequest,
+        pb::CreateApiKeyResponse,
+        write
+    );
+    rpc_method!(
+        revoke_api_key,
+        IdentityClient,
+        revoke_api_key,
+        pb::RevokeApiKeyRequest,
+        pb::ResourceResponse,
+        write
+    );
+    rpc_method!(
+        verify_api_key,
+        IdentityClient,
+        verify_api_key,
+        pb::VerifyApiKeyRequest,
+        pb::VerifyApiKeyResponse,
+        read
+    );
+    rpc_method!(
+        check_permissions,
+        RbacClient,
+        check_permissions,
+        pb::CheckPermissionsRequest,
+        pb::CheckPermissionsResponse,
+        read
+    );
+    rpc_method!(
+        list_allowed,
+        RbacClient,
+        list_allowed,
+        pb::ListAllowedRequest,
+        pb::ListAllowedResponse,
+        read
+    );
+    rpc_method!(
+        explain,
+        RbacClient,
+        explain,
+        pb::ExplainRequest,
+        pb::ExplainResponse,
+        read
+    );
 
     pub async fn status(&self, with_hash: bool) -> Result<pb::ClusterStatusResponse, ClientError> {
         self.with_failover(|ch| async move {

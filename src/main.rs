@@ -3,6 +3,7 @@
 mod backup_cmd;
 mod bench;
 mod cli;
+mod meta_cmd;
 
 use clap::Parser;
 

@@ -15,8 +15,8 @@ use super::{Api, ApiResult};
 use crate::fsm::meta::query::{self, ListQuery, Order};
 use crate::fsm::meta::rbac::{self, Reason};
 use crate::fsm::meta::{
-    fmt_id, parse_id, Id, Kind, MetaErrorKind, MetaOp, MetaResponse, MetaValue, Permission,
-    Record, RunStatus, Spec, Stage, NIL,
+    fmt_id, parse_id, Id, Kind, MetaErrorKind, MetaOp, MetaResponse, MetaValue, Permission, Record,
+    RunStatus, Spec, Stage, NIL,
 };
 use crate::fsm::{self, Command};
 use crate::pb;
@@ -95,9 +95,8 @@ fn value_to_pb(v: &MetaValue) -> pb::MetadataValue {
 }
 
 fn permission_from_pb(p: &pb::Permission) -> ApiResult<Permission> {
-    let resource = rbac::parse_resource(&p.resource_type).ok_or_else(|| {
-        ApiError::Invalid(format!("unknown resource type {:?}", p.resource_type))
-    })?;
+    let resource = rbac::parse_resource(&p.resource_type)
+        .ok_or_else(|| ApiError::Invalid(format!("unknown resource type {:?}", p.resource_type)))?;
     let action = rbac::parse_action(&p.action)
         .ok_or_else(|| ApiError::Invalid(format!("unknown action {:?}", p.action)))?;
     Ok(Permission { resource, action })
@@ -414,7 +413,11 @@ impl Api {
         }
     }
 
-    async fn record_write(&self, request_id: String, op: MetaOp) -> ApiResult<pb::ResourceResponse> {
+    async fn record_write(
+        &self,
+        request_id: String,
+        op: MetaOp,
+    ) -> ApiResult<pb::ResourceResponse> {
         match self.meta_write(request_id, op).await? {
             (MetaResponse::Record(r), revision) => Ok(pb::ResourceResponse {
                 resource: Some(record_to_pb(&r)),
@@ -510,7 +513,10 @@ impl Api {
         }
     }
 
-    async fn list_inner(&self, r: pb::ListResourcesRequest) -> ApiResult<pb::ListResourcesResponse> {
+    async fn list_inner(
+        &self,
+        r: pb::ListResourcesRequest,
+    ) -> ApiResult<pb::ListResourcesResponse> {
         let q = ListQuery {
             kind: Some(kind_from_pb(r.kind)?),
             parent: opt_id("parent_id", &r.parent_id)?,
@@ -548,11 +554,10 @@ impl Api {
         };
         let barrier = self.read_barrier(r.read).await?;
         let sm = self.node.sm.clone();
-        let (page, applied) = tokio::task::spawn_blocking(move || {
-            sm.read_view(|v| (query::list(v, &q), v.applied))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let (page, applied) =
+            tokio::task::spawn_blocking(move || sm.read_view(|v| (query::list(v, &q), v.applied)))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??;
         let page = page?;
         Ok(pb::ListResourcesResponse {
             resources: page.records.iter().map(record_to_pb).collect(),
@@ -583,14 +588,19 @@ impl Api {
             limit: r.limit,
         };
         match self.meta_write(r.request_id, op).await? {
-            (MetaResponse::Purged { removed, runs, more }, revision) => {
-                Ok(pb::PurgeRunsResponse {
-                    runs,
+            (
+                MetaResponse::Purged {
                     removed,
+                    runs,
                     more,
-                    revision,
-                })
-            }
+                },
+                revision,
+            ) => Ok(pb::PurgeRunsResponse {
+                runs,
+                removed,
+                more,
+                revision,
+            }),
             (other, _) => Err(ApiError::Internal(format!(
                 "unexpected meta response {other:?}"
             ))),
@@ -603,7 +613,11 @@ impl Api {
     ) -> ApiResult<pb::CreateApiKeyResponse> {
         let user = id_field("service_account_id", &r.service_account_id)?;
         // The secret is made here and only its hash is replicated: apply never sees it.
-        let secret = format!("mrk_{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
+        let secret = format!(
+            "mrk_{:032x}{:032x}",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        );
         let op = MetaOp::AddApiKey {
             user,
             key_id: r.key_id,
@@ -684,42 +698,45 @@ impl Api {
             .ok_or_else(|| ApiError::Invalid("resource_type is required".into()))?;
         let scope = id_field("scope_id", &r.scope_id)?;
         let barrier = self.read_barrier(r.read).await?;
-        let out = self.node.sm.with_rbac(|ix, v| -> ApiResult<pb::ListAllowedResponse> {
-            let at_scope = ix.check(v, &subject, action, Some(rt), &scope)?;
-            let mut resp = pb::ListAllowedResponse {
-                applied_index: v.applied.max(barrier),
-                ..Default::default()
-            };
-            if matches!(at_scope, Reason::Binding { .. }) {
-                resp.all = true;
-                return Ok(resp);
-            }
-            if query::get(v, &scope).is_err() {
-                return Err(ApiError::Meta(
-                    MetaErrorKind::NotFound,
-                    format!("scope {} not found", fmt_id(&scope)),
-                ));
-            }
-            let mut ids = Vec::new();
-            for s in ix.granted_scopes(&subject, rt, action) {
-                let Ok(rec) = query::get(v, &s) else { continue };
-                if !rec.ancestors.contains(&scope) {
-                    continue;
+        let out = self
+            .node
+            .sm
+            .with_rbac(|ix, v| -> ApiResult<pb::ListAllowedResponse> {
+                let at_scope = ix.check(v, &subject, action, Some(rt), &scope)?;
+                let mut resp = pb::ListAllowedResponse {
+                    applied_index: v.applied.max(barrier),
+                    ..Default::default()
+                };
+                if matches!(at_scope, Reason::Binding { .. }) {
+                    resp.all = true;
+                    return Ok(resp);
                 }
-                if rec.kind() as u8 == rt {
-                    ids.push(s);
-                } else {
-                    resp.scope_ids.push(fmt_id(&s));
+                if query::get(v, &scope).is_err() {
+                    return Err(ApiError::Meta(
+                        MetaErrorKind::NotFound,
+                        format!("scope {} not found", fmt_id(&scope)),
+                    ));
                 }
-            }
-            if let Some(kind) = Kind::from_u8(rt) {
-                ids.extend(query::owned_in_scope(v, &subject, kind, &scope, 10_000)?);
-            }
-            ids.sort();
-            ids.dedup();
-            resp.ids = ids.iter().map(fmt_id).collect();
-            Ok(resp)
-        })??;
+                let mut ids = Vec::new();
+                for s in ix.granted_scopes(&subject, rt, action) {
+                    let Ok(rec) = query::get(v, &s) else { continue };
+                    if !rec.ancestors.contains(&scope) {
+                        continue;
+                    }
+                    if rec.kind() as u8 == rt {
+                        ids.push(s);
+                    } else {
+                        resp.scope_ids.push(fmt_id(&s));
+                    }
+                }
+                if let Some(kind) = Kind::from_u8(rt) {
+                    ids.extend(query::owned_in_scope(v, &subject, kind, &scope, 10_000)?);
+                }
+                ids.sort();
+                ids.dedup();
+                resp.ids = ids.iter().map(fmt_id).collect();
+                Ok(resp)
+            })??;
         Ok(out)
     }
 
@@ -864,7 +881,11 @@ impl Metadata for Api {
         &self,
         req: Request<pb::CacheKeyRequest>,
     ) -> Result<Response<pb::ResourceResponse>, Status> {
-        rpc!(self, "FindStepByCacheKey", self.cache_key_inner(req.into_inner()))
+        rpc!(
+            self,
+            "FindStepByCacheKey",
+            self.cache_key_inner(req.into_inner())
+        )
     }
 }
 
@@ -874,7 +895,11 @@ impl Identity for Api {
         &self,
         req: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
-        rpc!(self, "CreateApiKey", self.create_key_inner(req.into_inner()))
+        rpc!(
+            self,
+            "CreateApiKey",
+            self.create_key_inner(req.into_inner())
+        )
     }
     async fn revoke_api_key(
         &self,
@@ -893,7 +918,11 @@ impl Identity for Api {
         &self,
         req: Request<pb::VerifyApiKeyRequest>,
     ) -> Result<Response<pb::VerifyApiKeyResponse>, Status> {
-        rpc!(self, "VerifyApiKey", self.verify_key_inner(req.into_inner()))
+        rpc!(
+            self,
+            "VerifyApiKey",
+            self.verify_key_inner(req.into_inner())
+        )
     }
 }
 
@@ -909,7 +938,11 @@ impl Rbac for Api {
         &self,
         req: Request<pb::ListAllowedRequest>,
     ) -> Result<Response<pb::ListAllowedResponse>, Status> {
-        rpc!(self, "ListAllowed", self.list_allowed_inner(req.into_inner()))
+        rpc!(
+            self,
+            "ListAllowed",
+            self.list_allowed_inner(req.into_inner())
+        )
     }
     async fn explain(
         &self,

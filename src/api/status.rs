@@ -117,7 +117,8 @@ mod tests {
         let s: Status = ApiError::Meta(MetaErrorKind::AlreadyExists, "taken".into()).into();
         assert_eq!(s.code(), Code::AlreadyExists);
         assert!(s.message().starts_with("[MR-EXISTS] taken"));
-        let s: Status = ApiError::Meta(MetaErrorKind::FailedPrecondition, "run is failed".into()).into();
+        let s: Status =
+            ApiError::Meta(MetaErrorKind::FailedPrecondition, "run is failed".into()).into();
         assert_eq!(s.code(), Code::FailedPrecondition);
         let s: Status = ApiError::from(QueryError::NotFound("gone".into())).into();
         assert_eq!(s.code(), Code::NotFound);
