@@ -16,8 +16,9 @@
 //! one byte (`fsm::meta::Kind`):
 //! - `E` + id                          -> bincode `meta::Record` (the row)
 //! - `N` + kind + parent id + uname    -> id (unique names; `uname` = name, or name 0 attempt for steps)
-//! - `I` + ix + scope + sort(8) + id   -> empty (a secondary index entry; `sort` = inverted created
-//!   time, so an ascending scan is newest first; written in the same batch as the row)
+//! - `I` + ix + scope + sort(8) + tie(8) + id -> empty (a secondary index entry; `sort` = inverted
+//!   created time and `tie` = inverted create revision, so an ascending scan is newest first;
+//!   written in the same batch as the row)
 //! - `K` + ix + scope                  -> u64 BE (entries under that index scope: incremental counts)
 //! - `C` + project id + cache key      -> id of the latest step run with that cache key
 //! - `A` + sha256(api key)             -> service account (user) id
@@ -74,11 +75,12 @@ pub fn meta_index_prefix(ix: u8, scope: &[u8]) -> Vec<u8> {
     k
 }
 
-/// One index entry: prefix + sort + id.
-pub fn meta_index(prefix: &[u8], sort: u64, id: &[u8; 16]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(prefix.len() + 24);
+/// One index entry: prefix + sort + tie + id (`tie` orders entries with equal `sort`).
+pub fn meta_index(prefix: &[u8], sort: u64, tie: u64, id: &[u8; 16]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 32);
     k.extend_from_slice(prefix);
     k.extend_from_slice(&sort.to_be_bytes());
+    k.extend_from_slice(&tie.to_be_bytes());
     k.extend_from_slice(id);
     k
 }

@@ -1507,7 +1507,12 @@ fn purge_runs(
         &[&project[..], &[Kind::PipelineRun as u8]].concat(),
     );
     // Created before `before_ms` = sort key above sort_key(before_ms).
-    let start = keys::meta_index(&prefix, index::sort_key(before_ms).saturating_add(1), &NIL);
+    let start = keys::meta_index(
+        &prefix,
+        index::sort_key(before_ms).saturating_add(1),
+        0,
+        &NIL,
+    );
     let end = keys::prefix_end(&prefix).unwrap_or_default();
     let rows = tx.scan(&start, &end, limit as usize + 1)?;
     let more = rows.len() > limit as usize;

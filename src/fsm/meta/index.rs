@@ -1,6 +1,6 @@
 //! Secondary indexes of metadata records: which index entries a record has.
 //!
-//! An entry is `I + ix + scope + sort + id` (see `keys.rs`). `sort` is the inverted creation
+//! An entry is `I + ix + scope + sort + tie + id` (see `keys.rs`). `sort` is the inverted creation
 //! time, so an ascending scan lists newest first and a time range is one contiguous key range.
 //! Apply diffs the entries of the old and new version of a row and writes the difference (and
 //! the per-scope counts) in the same batch as the row, so an index is never out of step with it.
@@ -118,13 +118,13 @@ pub fn run_meta_scope(project: &Id, key: &str, canonical: &[u8]) -> Vec<u8> {
     cat(&[project, key.as_bytes(), &[0], &len, canonical])
 }
 
-/// The full index keys of a record (prefix + sort + id).
+/// The full index keys of a record (prefix + sort + tie + id).
 pub fn keys_of(r: &Record) -> Vec<(Vec<u8>, Vec<u8>)> {
     let sort = sort_key(r.created_ms);
     entries(r)
         .into_iter()
         .map(|(prefix, id)| {
-            let k = keys::meta_index(&prefix, sort, &id);
+            let k = keys::meta_index(&prefix, sort, u64::MAX - r.create_revision, &id);
             (prefix, k)
         })
         .collect()

@@ -308,11 +308,11 @@ pub fn list(state: &dyn StateRead, q: &ListQuery) -> Result<ListPage, QueryError
     let end_all = keys::prefix_end(&plan.prefix).unwrap_or_else(|| vec![0xff; 64]);
     // Newest first; a time range is a contiguous key range.
     let lo = match q.created_before_ms {
-        Some(b) => keys::meta_index(&plan.prefix, sort_key(b).saturating_add(1), &NIL),
+        Some(b) => keys::meta_index(&plan.prefix, sort_key(b).saturating_add(1), 0, &NIL),
         None => plan.prefix.clone(),
     };
     let hi = match q.created_after_ms {
-        Some(a) => keys::meta_index(&plan.prefix, sort_key(a), &[0xff; 16]),
+        Some(a) => keys::meta_index(&plan.prefix, sort_key(a), u64::MAX, &[0xff; 16]),
         None => end_all,
     };
     let mut start = lo;
