@@ -3,12 +3,15 @@
 //! A Raft-replicated, highly available metadata service. Module map (dependencies point down):
 //!
 //! ```text
-//! main.rs, cli.rs    the binary: serve, dev, kv, cluster, bench (bench.rs: load generator)
+//! main.rs, cli.rs    the binary: serve, dev, kv, cluster, meta and rbac (meta_cmd.rs), backup,
+//!                    restore, dr, bench (bench.rs: load generator)
 //! server.rs          wiring of one node: stores, Raft, listeners, graceful shutdown
-//! api/               public gRPC services (Kv, Cluster); errors -> gRPC status in api/status.rs
+//! api/               public gRPC services (Kv, Cluster, Backup; Metadata, Identity, Rbac in
+//!                    api/meta.rs); errors -> gRPC status in api/status.rs
 //! consensus/         openraft handle, write forwarding, read paths (read-index, session, stale), membership
 //! net/               peer transport: Raft RPCs and snapshot streaming over gRPC (tonic)
 //! fsm/               deterministic state machine: apply(state, index, command) -> (mutations, response)
+//! fsm/meta/          the metadata domain: records, apply rules, secondary indexes, queries, RBAC index
 //! storage/           the only RocksDB user: log store (group commit), state-machine store, checkpoints
 //! keys.rs            every key layout of both stores
 //! fsutil.rs          file helpers shared by snapshot and backup streaming

@@ -678,7 +678,10 @@ impl Api {
         let (allowed, applied) = self.node.sm.with_rbac(|ix, v| {
             let mut out = Vec::with_capacity(ids.len());
             for id in &ids {
-                out.push(ix.check(v, &subject, action, rt, id).map(|d| d.allowed())?);
+                out.push(
+                    ix.check_at(v, v.applied, &subject, action, rt, id)
+                        .map(|d| d.allowed())?,
+                );
             }
             Ok::<_, fsm::FsmError>((out, v.applied))
         })??;
@@ -702,7 +705,7 @@ impl Api {
             .node
             .sm
             .with_rbac(|ix, v| -> ApiResult<pb::ListAllowedResponse> {
-                let at_scope = ix.check(v, &subject, action, Some(rt), &scope)?;
+                let at_scope = ix.check_at(v, v.applied, &subject, action, Some(rt), &scope)?;
                 let mut resp = pb::ListAllowedResponse {
                     applied_index: v.applied.max(barrier),
                     ..Default::default()
@@ -746,10 +749,12 @@ impl Api {
         let rt = rt_field(&r.resource_type)?;
         let target = id_field("resource_id", &r.resource_id)?;
         let barrier = self.read_barrier(r.read).await?;
-        let (reason, applied) = self
-            .node
-            .sm
-            .with_rbac(|ix, v| (ix.check(v, &subject, action, rt, &target), v.applied))?;
+        let (reason, applied) = self.node.sm.with_rbac(|ix, v| {
+            (
+                ix.check_at(v, v.applied, &subject, action, rt, &target),
+                v.applied,
+            )
+        })?;
         let reason = reason?;
         let mut resp = pb::ExplainResponse {
             allowed: reason.allowed(),

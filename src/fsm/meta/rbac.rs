@@ -194,6 +194,19 @@ struct Binding {
     scope: Id,
 }
 
+/// What a check needs of a resource; fixed for the life of an id (kind, owner and parent never
+/// change), so it is cached and only dropped when the row is written again or deleted.
+#[derive(Debug)]
+pub struct Facts {
+    kind: u8,
+    owner: Id,
+    ancestors: Vec<Id>,
+    create_revision: u64,
+}
+
+/// Resources whose facts are cached; beyond this the cache is cleared and refilled.
+pub const FACTS_CACHE_ENTRIES: usize = 500_000;
+
 /// What one subject may do, by scope: (bits, binding, via team).
 type Grants = HashMap<Id, Vec<(u128, Id, Option<Id>)>>;
 
@@ -207,6 +220,8 @@ pub struct RbacIndex {
     /// Derived, rebuilt by [`Self::refresh`] when `dirty`.
     grants: HashMap<Id, Grants>,
     dirty: bool,
+    /// Facts of recently checked resources (a check then needs no RocksDB read).
+    facts: std::sync::Mutex<HashMap<Id, std::sync::Arc<Facts>>>,
 }
 
 impl RbacIndex {
@@ -232,6 +247,11 @@ impl RbacIndex {
         }
         let mut id = [0u8; 16];
         id.copy_from_slice(&key[1..]);
+        // Any write of the row drops its cached facts (a delete, or an id created anew).
+        self.facts
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         match value {
             Some(raw) => {
                 let r = decode_record(key, raw)?;
@@ -246,6 +266,39 @@ impl RbacIndex {
             }
         }
         Ok(())
+    }
+
+    fn facts_cache(&self) -> std::sync::MutexGuard<'_, HashMap<Id, std::sync::Arc<Facts>>> {
+        self.facts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A resource's facts as of `applied`: from the cache, or read from `state` and cached.
+    fn facts(
+        &self,
+        state: &dyn StateRead,
+        applied: u64,
+        id: &Id,
+    ) -> Result<Option<std::sync::Arc<Facts>>, FsmError> {
+        if let Some(f) = self.facts_cache().get(id) {
+            if f.create_revision <= applied {
+                return Ok(Some(f.clone()));
+            }
+        }
+        let Some(r) = load_record(state, id)? else {
+            return Ok(None);
+        };
+        let f = std::sync::Arc::new(Facts {
+            kind: r.kind() as u8,
+            owner: r.owner,
+            ancestors: r.ancestors,
+            create_revision: r.create_revision,
+        });
+        let mut c = self.facts_cache();
+        if c.len() >= FACTS_CACHE_ENTRIES {
+            c.clear();
+        }
+        c.insert(*id, f.clone());
+        Ok(Some(f))
     }
 
     fn put(&mut self, r: &Record) {
@@ -337,26 +390,40 @@ impl RbacIndex {
         rt: Option<u8>,
         target: &Id,
     ) -> Result<Reason, FsmError> {
+        self.check_at(state, u64::MAX, subject, action, rt, target)
+    }
+
+    /// [`Self::check`] against a state at applied index `applied` (cached resource facts created
+    /// after it are not used).
+    pub fn check_at(
+        &self,
+        state: &dyn StateRead,
+        applied: u64,
+        subject: &Id,
+        action: u8,
+        rt: Option<u8>,
+        target: &Id,
+    ) -> Result<Reason, FsmError> {
         match self.users.get(subject) {
             None => return Ok(Reason::Denied(format!("no user {}", fmt_id(subject)))),
             Some(false) => return Ok(Reason::Denied("the user is deactivated".into())),
             Some(true) => {}
         }
-        let Some(r) = load_record(state, target)? else {
+        let Some(r) = self.facts(state, applied, target)? else {
             return Ok(Reason::Denied(format!(
                 "resource {} not found",
                 fmt_id(target)
             )));
         };
-        let rt = rt.unwrap_or(r.kind() as u8);
-        if r.owner == *subject && rt == r.kind() as u8 {
+        let rt = rt.unwrap_or(r.kind);
+        if r.owner == *subject && rt == r.kind {
             return Ok(Reason::Owner);
         }
         let Some(g) = self.grants.get(subject) else {
             return Ok(Reason::Denied("no role bindings for the subject".into()));
         };
         // The resource itself, then its containers from the nearest up.
-        let scopes = std::iter::once(&r.id).chain(r.ancestors.iter().rev());
+        let scopes = std::iter::once(target).chain(r.ancestors.iter().rev());
         for s in scopes {
             if let Some(list) = g.get(s) {
                 for (b, bid, team) in list {
@@ -379,7 +446,7 @@ impl RbacIndex {
         }
         Ok(Reason::Denied(format!(
             "no binding on {} or its containers grants {} on {}",
-            fmt_id(&r.id),
+            fmt_id(target),
             action_name(action),
             resource_name(rt)
         )))
