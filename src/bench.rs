@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// What to drive: metaraft, or an etcd v3 cluster at --endpoints (same load shape).
     #[arg(long, value_enum, default_value = "metaraft")]
     pub target: Target,
+    /// kv (Put/Get), or a metadata workload: ci-burst, dashboard, steady, registry, admin
+    /// (see docs/benchmarks.md).
+    #[arg(long, value_enum, default_value = "kv")]
+    pub workload: crate::bench_meta::Workload,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq)]
@@ -129,6 +133,21 @@ struct Stats {
 }
 
 pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
+    if a.workload != crate::bench_meta::Workload::Kv {
+        if a.target != Target::Metaraft {
+            bail!("metadata workloads drive metaraft only");
+        }
+        if a.concurrency == 0 || a.duration == 0 {
+            bail!("--concurrency and --duration must be > 0");
+        }
+        let o = crate::bench_meta::Opts {
+            endpoints: a.endpoints.clone(),
+            concurrency: a.concurrency,
+            duration: a.duration,
+            json: a.json,
+        };
+        return crate::bench_meta::run(a.workload, o).await;
+    }
     if a.concurrency == 0 || a.keys == 0 || a.duration == 0 {
         bail!("--concurrency, --keys and --duration must be > 0");
     }

@@ -2,6 +2,7 @@
 
 mod backup_cmd;
 mod bench;
+mod bench_meta;
 mod cli;
 mod meta_cmd;
 
