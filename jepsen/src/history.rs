@@ -37,6 +37,8 @@ pub enum F {
     StaleRead,
     /// A write carrying an explicit request id, retried with the same id.
     IdemWrite,
+    /// Versions workload: create an artifact version tagged `value`; ok `version` = its number.
+    AddVersion,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -213,6 +213,7 @@ fn real_main() -> Result<ExitCode> {
                     Workload::Set,
                     Workload::Session,
                     Workload::Idempotent,
+                    Workload::Versions,
                 ] {
                     // The short suite gives each workload one partition, one kill and one pause,
                     // in a fixed order and varied across workloads.

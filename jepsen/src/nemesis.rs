@@ -133,12 +133,16 @@ pub fn short_plan(w: crate::checker::Workload, loopback: bool) -> &'static str {
         (crate::checker::Workload::Set, false) => "partition-halves,kill,pause-leader",
         (crate::checker::Workload::Session, false) => "bridge,kill-leader,pause",
         (crate::checker::Workload::Idempotent, false) => "isolate-leader,kill,pause-leader",
+        (crate::checker::Workload::Versions, false) => "partition-halves,kill-leader,pause",
         (crate::checker::Workload::Register | crate::checker::Workload::Session, true) => {
             "kill-leader,pause,kill"
         }
-        (crate::checker::Workload::Set | crate::checker::Workload::Idempotent, true) => {
-            "kill,pause-leader,kill-leader"
-        }
+        (
+            crate::checker::Workload::Set
+            | crate::checker::Workload::Idempotent
+            | crate::checker::Workload::Versions,
+            true,
+        ) => "kill,pause-leader,kill-leader",
     }
 }
 

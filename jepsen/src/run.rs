@@ -140,6 +140,7 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
     let _rt_guard = rt.enter();
     let client = Arc::new(Client::new(&addrs, o.op_timeout)?);
     let kvs: Vec<_> = (0..addrs.len()).map(|i| client.kv_at(i)).collect();
+    let mds: Vec<_> = (0..addrs.len()).map(|i| client.metadata_at(i)).collect();
 
     // Wait until the cluster takes a write.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -161,6 +162,14 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
         }
     }
 
+    let artifact = if o.workload == Workload::Versions {
+        let c = client.clone();
+        rt.block_on(async move { workload::setup_versions(&c).await })
+            .map_err(|e| anyhow::anyhow!("versions workload setup: {e}"))?
+    } else {
+        String::new()
+    };
+
     let backup = if o.with_backup {
         Some(start_backup_stream(o, &addrs)?)
     } else {
@@ -178,6 +187,7 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
         op_timeout: o.op_timeout,
         seed: o.seed,
         keys: 5,
+        artifact,
     });
     let tasks: Vec<_> = (0..o.clients)
         .map(|i| {
@@ -185,6 +195,7 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
                 cfg.clone(),
                 rec.clone(),
                 kvs.clone(),
+                mds.clone(),
                 i,
                 until,
             ))
@@ -211,9 +222,10 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
     let heal_start = Instant::now();
     let exited = nemesis.heal_all().context("healing")?;
     let finals_ok = rt.block_on(workload::final_read(
-        o.workload,
+        &cfg,
         &rec,
         &kvs,
+        &mds,
         Duration::from_secs(60),
     ));
     let recovery_s = heal_start.elapsed().as_secs_f64();

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use metaraft::client::new_request_id;
 use metaraft::pb;
 use metaraft::pb::kv_client::KvClient;
+use metaraft::pb::metadata_client::MetadataClient;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::transport::Channel;
@@ -63,6 +64,8 @@ pub struct ClientCfg {
     pub op_timeout: Duration,
     pub seed: u64,
     pub keys: u64,
+    /// Versions workload: the artifact every client adds versions to.
+    pub artifact: String,
 }
 
 /// What a write's error says about whether it took effect.
@@ -150,6 +153,7 @@ pub async fn client_loop(
     cfg: Arc<ClientCfg>,
     rec: Arc<Recorder>,
     kvs: Vec<KvClient<Channel>>,
+    mds: Vec<MetadataClient<Channel>>,
     index: u64,
     until: Instant,
 ) {
@@ -283,6 +287,23 @@ pub async fn client_loop(
                     k
                 }
             }
+            Workload::Versions => {
+                counter += 1;
+                let v = index as i64 * 10_000_000 + counter;
+                let mut inv = invoke(process, F::AddVersion, None, n);
+                inv.value = Some(v);
+                let mut md = mds[node].clone();
+                let create = md.create(version_req(&cfg.artifact, v));
+                perform(&rec, inv, t, true, create, |c, r| {
+                    c.revision = Some(r.revision);
+                    c.version = match r.resource.and_then(|r| r.spec) {
+                        Some(pb::resource::Spec::ArtifactVersion(s)) => Some(s.number),
+                        _ => None,
+                    };
+                    Kind::Ok
+                })
+                .await
+            }
             Workload::Idempotent => {
                 let id = new_request_id();
                 let mut last = Kind::Info;
@@ -318,13 +339,98 @@ pub async fn client_loop(
     }
 }
 
+/// A create of one artifact version tagged with `v` (in its uri), with a fresh request id.
+fn version_req(artifact: &str, v: i64) -> pb::CreateResourceRequest {
+    pb::CreateResourceRequest {
+        resource: Some(pb::Resource {
+            parent_id: artifact.to_string(),
+            spec: Some(pb::resource::Spec::ArtifactVersion(
+                pb::ArtifactVersionSpec {
+                    uri: format!("v/{v}"),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        request_id: new_request_id(),
+    }
+}
+
+/// Every version of `artifact` as `number * VALUE_SPAN + value`, in one linearizable listing.
+async fn list_versions(md: &mut MetadataClient<Channel>, artifact: &str) -> Result<Vec<i64>, Code> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = timed(
+            Duration::from_secs(5),
+            md.list(pb::ListResourcesRequest {
+                kind: pb::ResourceKind::ArtifactVersion as i32,
+                parent_id: artifact.to_string(),
+                page_size: 1000,
+                page_token: token.clone(),
+                read: read_opts(pb::Consistency::Linearizable, 0),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        for r in &page.resources {
+            if let Some(pb::resource::Spec::ArtifactVersion(s)) = &r.spec {
+                let v: i64 = s
+                    .uri
+                    .strip_prefix("v/")
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(-1);
+                out.push(s.number as i64 * crate::checker::versions::VALUE_SPAN + v);
+            }
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Creates the organization, workspace, project and artifact of the versions workload, through
+/// any node, retrying until the cluster takes it; returns the artifact id.
+pub async fn setup_versions(client: &metaraft::client::Client) -> Result<String, String> {
+    let mut parent = String::new();
+    let steps: [(&str, pb::resource::Spec); 4] = [
+        (
+            "jepsen",
+            pb::resource::Spec::Organization(Default::default()),
+        ),
+        ("ws", pb::resource::Spec::Workspace(Default::default())),
+        ("p", pb::resource::Spec::Project(Default::default())),
+        ("artifact", pb::resource::Spec::Artifact(Default::default())),
+    ];
+    for (name, spec) in steps {
+        let req = pb::CreateResourceRequest {
+            resource: Some(pb::Resource {
+                parent_id: parent.clone(),
+                name: name.into(),
+                spec: Some(spec),
+                ..Default::default()
+            }),
+            request_id: new_request_id(),
+        };
+        let r = client
+            .meta_create(req)
+            .await
+            .map_err(|e| format!("creating {name}: {e}"))?;
+        parent = r.resource.map(|r| r.id).unwrap_or_default();
+    }
+    Ok(parent)
+}
+
 /// The final read after healing, retried until it succeeds or `patience` passes.
 pub async fn final_read(
-    workload: Workload,
+    cfg: &ClientCfg,
     rec: &Recorder,
     kvs: &[KvClient<Channel>],
+    mds: &[MetadataClient<Channel>],
     patience: Duration,
 ) -> bool {
+    let workload = cfg.workload;
     let process = 1_000_000;
     let deadline = Instant::now() + patience;
     let mut node = 0;
@@ -393,6 +499,24 @@ pub async fn final_read(
                     Ok(resp) => {
                         c.kind = Kind::Ok;
                         c.version = Some(resp.kv.map(|k| k.version).unwrap_or(0));
+                        rec.record(c);
+                        return true;
+                    }
+                    Err(code) => {
+                        c.kind = Kind::Fail;
+                        c.error = err_text(code);
+                        rec.record(c);
+                    }
+                }
+            }
+            Workload::Versions => {
+                rec.record(inv.clone());
+                let mut md = mds[node % mds.len()].clone();
+                let mut c = inv;
+                match list_versions(&mut md, &cfg.artifact).await {
+                    Ok(values) => {
+                        c.kind = Kind::Ok;
+                        c.values = Some(values);
                         rec.record(c);
                         return true;
                     }

@@ -136,6 +136,11 @@ fn idempotent_under_partition_kill_pause() {
 }
 
 #[test]
+fn versions_under_partition_kill_pause() {
+    run_workload(Workload::Versions);
+}
+
+#[test]
 fn network_faults_are_refused_on_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let o = Command::new(harness())

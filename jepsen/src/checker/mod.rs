@@ -6,6 +6,7 @@ pub mod idempotent;
 pub mod register;
 pub mod session;
 pub mod set;
+pub mod versions;
 
 use std::time::Duration;
 
@@ -76,6 +77,8 @@ pub enum Workload {
     Set,
     Session,
     Idempotent,
+    /// Artifact versions created through the metadata API: unique, gap-free, none lost.
+    Versions,
 }
 
 impl std::fmt::Display for Workload {
@@ -85,6 +88,7 @@ impl std::fmt::Display for Workload {
             Workload::Set => "set",
             Workload::Session => "session",
             Workload::Idempotent => "idempotent",
+            Workload::Versions => "versions",
         })
     }
 }
@@ -101,6 +105,7 @@ pub fn check(
         Workload::Set => set::check(&ops),
         Workload::Session => session::check(&ops),
         Workload::Idempotent => idempotent::check(&ops),
+        Workload::Versions => versions::check(&ops),
     })
 }
 
