@@ -42,6 +42,13 @@ pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, bincode::error::EncodeErro
     bincode::serde::encode_to_vec(v, bincode::config::standard())
 }
 
+/// Decode the leading fields of a bincode 2 value (a prefix struct); the rest is ignored.
+pub fn decode_prefix<T: serde::de::DeserializeOwned>(
+    b: &[u8],
+) -> Result<T, bincode::error::DecodeError> {
+    Ok(bincode::serde::decode_from_slice(b, bincode::config::standard())?.0)
+}
+
 /// Decode bincode 2; trailing bytes are an error.
 pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, bincode::error::DecodeError> {
     let (v, n) = bincode::serde::decode_from_slice(b, bincode::config::standard())?;

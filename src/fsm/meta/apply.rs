@@ -217,6 +217,52 @@ pub fn decode_record(key: &[u8], raw: &[u8]) -> Result<Record, FsmError> {
     Ok(r)
 }
 
+/// The leading fields of a [`Record`] up to its spec's variant: what permission checks need,
+/// decoded without the spec. Must list `Record`'s fields in order (a unit test holds it to that).
+#[derive(serde::Deserialize)]
+struct RecordHead {
+    format: u8,
+    _id: Id,
+    _parent: Id,
+    ancestors: Vec<Id>,
+    _name: String,
+    owner: Id,
+    _created_ms: u64,
+    _updated_ms: u64,
+    create_revision: u64,
+    _mod_revision: u64,
+    _tags: Vec<String>,
+    spec_variant: u32,
+}
+
+/// (kind, owner, ancestors, create revision) of a row, without decoding its spec.
+pub fn load_head(
+    state: &dyn StateRead,
+    id: &Id,
+) -> Result<Option<(Kind, Id, Vec<Id>, u64)>, FsmError> {
+    let key = keys::meta_row(id);
+    let Some(raw) = state.get_raw(&key)? else {
+        return Ok(None);
+    };
+    let corrupt = |reason: String| FsmError::Corrupt {
+        key: key.clone(),
+        reason,
+    };
+    let h: RecordHead =
+        crate::raft_types::decode_prefix(&raw).map_err(|e| corrupt(e.to_string()))?;
+    if h.format > META_FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "record format {} is newer than this binary supports ({META_FORMAT_VERSION}): upgrade this node",
+            h.format
+        )));
+    }
+    let kind = Kind::ALL
+        .get(h.spec_variant as usize)
+        .copied()
+        .ok_or_else(|| corrupt(format!("unknown spec variant {}", h.spec_variant)))?;
+    Ok(Some((kind, h.owner, h.ancestors, h.create_revision)))
+}
+
 pub fn read_count(state: &dyn StateRead, count_key: &[u8]) -> Result<u64, FsmError> {
     match state.get_raw(count_key)? {
         None => Ok(0),

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use super::apply::{decode_record, index_ids, load_record};
+use super::apply::{decode_record, index_ids, load_head, load_record};
 use super::index::IX_KIND;
 use super::{fmt_id, Id, Kind, Permission, Record, Spec};
 use crate::fsm::{FsmError, StateRead};
@@ -284,14 +284,14 @@ impl RbacIndex {
                 return Ok(Some(f.clone()));
             }
         }
-        let Some(r) = load_record(state, id)? else {
+        let Some((kind, owner, ancestors, create_revision)) = load_head(state, id)? else {
             return Ok(None);
         };
         let f = std::sync::Arc::new(Facts {
-            kind: r.kind() as u8,
-            owner: r.owner,
-            ancestors: r.ancestors,
-            create_revision: r.create_revision,
+            kind: kind as u8,
+            owner,
+            ancestors,
+            create_revision,
         });
         let mut c = self.facts_cache();
         if c.len() >= FACTS_CACHE_ENTRIES {

@@ -892,6 +892,37 @@ mod v1_fixture {
 }
 
 #[test]
+fn record_head_matches_every_kind_of_record() {
+    let mut w = World::new();
+    let (org, _, p, u) = w.tree();
+    let run = w.create(p, "r", u, run_spec(NIL, 0));
+    w.ok(MetaOp::Update {
+        id: run.id,
+        expected_revision: None,
+        name: None,
+        tags: Some(vec!["a".into(), "b".into()]),
+        spec: None,
+    });
+    let step = w.create(run.id, "s", u, step_spec(1, "ck"));
+    let role = apply::builtin_role_id(&org, "viewer");
+    for id in [org, p, u, run.id, step.id, role] {
+        let full = w.get(&id);
+        let head = apply::load_head(&w.s, &id).expect("head").expect("present");
+        assert_eq!(
+            head,
+            (
+                full.kind(),
+                full.owner,
+                full.ancestors.clone(),
+                full.create_revision
+            ),
+            "{:?}",
+            full.kind()
+        );
+    }
+}
+
+#[test]
 fn format_1_records_still_decode() {
     let raw = v1_fixture::project_record_bytes();
     let r = apply::decode_record(b"fixture", &raw).expect("format-1 record decodes");
