@@ -235,11 +235,11 @@ struct RecordHead {
     spec_variant: u32,
 }
 
-/// (kind, owner, ancestors, create revision) of a row, without decoding its spec.
-pub fn load_head(
-    state: &dyn StateRead,
-    id: &Id,
-) -> Result<Option<(Kind, Id, Vec<Id>, u64)>, FsmError> {
+/// What a permission check needs of a row: (kind, owner, ancestors, create revision).
+pub type Head = (Kind, Id, Vec<Id>, u64);
+
+/// The [`Head`] of a row, without decoding its spec.
+pub fn load_head(state: &dyn StateRead, id: &Id) -> Result<Option<Head>, FsmError> {
     let key = keys::meta_row(id);
     let Some(raw) = state.get_raw(&key)? else {
         return Ok(None);
