@@ -5,7 +5,6 @@
 //! queries of `fsm::meta::query` over one consistent snapshot.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
@@ -779,15 +778,6 @@ impl Api {
         }
         Ok(resp)
     }
-}
-
-macro_rules! rpc {
-    ($self:ident, $name:literal, $call:expr) => {{
-        let t = Instant::now();
-        let r = $call.await.map(Response::new).map_err(Status::from);
-        $self.observe($name, t, &r);
-        r
-    }};
 }
 
 #[tonic::async_trait]

@@ -4,6 +4,20 @@
 //! Requests are validated here (sizes, empty keys, unknown enum values), turned into one Raft
 //! command per write, and answered with the revision. Errors go through [`status`].
 
+/// Runs an RPC body, records its latency and status code, and turns errors into a `Status`.
+/// (Defined before the submodules so `meta.rs` uses the same one.)
+macro_rules! rpc {
+    ($self:ident, $name:literal, $call:expr) => {{
+        let t = std::time::Instant::now();
+        let r = $call
+            .await
+            .map(tonic::Response::new)
+            .map_err(tonic::Status::from);
+        $self.observe($name, t, &r);
+        r
+    }};
+}
+
 pub mod backup;
 pub mod meta;
 pub mod status;
@@ -275,15 +289,6 @@ fn to_kv(v: crate::storage::StoredValue) -> pb::KeyValue {
         mod_revision: v.record.mod_revision,
         version: v.record.version,
     }
-}
-
-macro_rules! rpc {
-    ($self:ident, $name:literal, $call:expr) => {{
-        let t = Instant::now();
-        let r = $call.await.map(Response::new).map_err(Status::from);
-        $self.observe($name, t, &r);
-        r
-    }};
 }
 
 #[tonic::async_trait]

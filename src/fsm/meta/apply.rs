@@ -1118,6 +1118,36 @@ fn finished_refusal<T>(what: &str, id: &Id, status: RunStatus) -> R<T> {
     )
 }
 
+/// Whether a step or run may move `from -> to`: a finished one only through `resume` (to an
+/// unfinished status), an unfinished one as [`RunStatus::can_move_to`] allows.
+fn check_transition(what: &str, id: &Id, from: RunStatus, to: RunStatus, resume: bool) -> R<()> {
+    if resume {
+        if !from.is_finished() || to.is_finished() {
+            return refuse(
+                MetaErrorKind::FailedPrecondition,
+                format!(
+                    "resume moves a finished {what} to an unfinished status; {what} {} is {}",
+                    fmt_id(id),
+                    from.name()
+                ),
+            );
+        }
+    } else if from.is_finished() {
+        return finished_refusal(what, id, from);
+    } else if !from.can_move_to(to) {
+        return refuse(
+            MetaErrorKind::FailedPrecondition,
+            format!(
+                "{what} {} cannot move from {} to {}",
+                fmt_id(id),
+                from.name(),
+                to.name()
+            ),
+        );
+    }
+    Ok(())
+}
+
 fn set_step_status(
     tx: &mut Tx<'_>,
     index: u64,
@@ -1130,30 +1160,7 @@ fn set_step_status(
     let Spec::StepRun { status: from, .. } = old.spec else {
         return invalid("not a step");
     };
-    if resume {
-        if !from.is_finished() || to.is_finished() {
-            return refuse(
-                MetaErrorKind::FailedPrecondition,
-                format!(
-                    "resume moves a finished step to an unfinished status; step {} is {}",
-                    fmt_id(id),
-                    from.name()
-                ),
-            );
-        }
-    } else if from.is_finished() {
-        return finished_refusal("step", id, from);
-    } else if !from.can_move_to(to) {
-        return refuse(
-            MetaErrorKind::FailedPrecondition,
-            format!(
-                "step {} cannot move from {} to {}",
-                fmt_id(id),
-                from.name(),
-                to.name()
-            ),
-        );
-    }
+    check_transition("step", id, from, to, resume)?;
     let run = tx.must_kind(&old.parent, Kind::PipelineRun)?;
     if let Spec::PipelineRun { status, .. } = &run.spec {
         if status.is_finished() && !resume {
@@ -1197,30 +1204,7 @@ fn set_run_status(
     let Spec::PipelineRun { status: from, .. } = old.spec else {
         return invalid("not a run");
     };
-    if resume {
-        if !from.is_finished() || to.is_finished() {
-            return refuse(
-                MetaErrorKind::FailedPrecondition,
-                format!(
-                    "resume moves a finished run to an unfinished status; run {} is {}",
-                    fmt_id(id),
-                    from.name()
-                ),
-            );
-        }
-    } else if from.is_finished() {
-        return finished_refusal("run", id, from);
-    } else if !from.can_move_to(to) {
-        return refuse(
-            MetaErrorKind::FailedPrecondition,
-            format!(
-                "run {} cannot move from {} to {}",
-                fmt_id(id),
-                from.name(),
-                to.name()
-            ),
-        );
-    }
+    check_transition("run", id, from, to, resume)?;
     let mut new = old.clone();
     if let Spec::PipelineRun { status, end_ms, .. } = &mut new.spec {
         *status = to;
