@@ -613,3 +613,235 @@ async fn m03_bad_input_gets_clear_errors_and_retries_apply_once() {
     assert_eq!(a.revision, b.revision);
     let _ = org;
 }
+
+/// Runs the CLI against the cluster; returns (exit code, stdout, stderr).
+fn cli(c: &TestCluster, args: &[&str]) -> (i32, String, String) {
+    let eps = c.endpoints().join(",");
+    let mut full: Vec<&str> = vec![args[0], "--endpoints", &eps];
+    full.extend_from_slice(&args[1..]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metaraft"))
+        .args(&full)
+        .output()
+        .expect("run metaraft");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_id(stdout: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.lines().next().unwrap_or("")).expect("json line");
+    v["id"].as_str().expect("id").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m04_cli_manages_resources_and_roles_and_refuses_bad_input() {
+    let _g = serial();
+    let c = TestCluster::start(3, &[]);
+    c.wait_for_leader(Duration::from_secs(20)).await;
+    let (code, out, err) = cli(
+        &c,
+        &[
+            "meta",
+            "create",
+            "organization",
+            "--name",
+            "acme",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let org = json_id(&out);
+    let (_, out, _) = cli(
+        &c,
+        &[
+            "meta", "create", "user", "--parent", &org, "--name", "bob", "--output", "json",
+        ],
+    );
+    let bob = json_id(&out);
+    let (_, out, _) = cli(
+        &c,
+        &[
+            "meta",
+            "create",
+            "workspace",
+            "--parent",
+            &org,
+            "--name",
+            "ml",
+            "--output",
+            "json",
+        ],
+    );
+    let ws = json_id(&out);
+
+    eprintln!("--- roles, a custom role, a binding, check and explain");
+    let (code, out, _) = cli(&c, &["rbac", "roles", &org]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("name=\"admin\"") && out.contains("name=\"viewer\""),
+        "{out}"
+    );
+    let (code, _, err) = cli(
+        &c,
+        &[
+            "rbac",
+            "create-role",
+            &org,
+            "auditor",
+            "--permission",
+            "pipeline_run:read",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = cli(
+        &c,
+        &[
+            "rbac",
+            "explain",
+            "--subject",
+            &bob,
+            "--action",
+            "read",
+            &ws,
+        ],
+    );
+    assert_eq!(code, 2, "denied exits 2: {out}");
+    assert!(out.starts_with("denied"), "{out}");
+    let (code, _, err) = cli(
+        &c,
+        &[
+            "rbac",
+            "bind",
+            &org,
+            "--subject",
+            &bob,
+            "--role",
+            "viewer",
+            "--scope",
+            &ws,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = cli(
+        &c,
+        &[
+            "rbac",
+            "explain",
+            "--subject",
+            &bob,
+            "--action",
+            "read",
+            &ws,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(v["role"], "viewer");
+    let (code, out, _) = cli(
+        &c,
+        &[
+            "rbac",
+            "check",
+            "--subject",
+            &bob,
+            "--action",
+            "delete",
+            &ws,
+        ],
+    );
+    assert_eq!((code, out.trim().ends_with("denied")), (2, true), "{out}");
+
+    eprintln!("--- bad input: each a clear error, nothing created");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["meta", "create", "gadget", "--name", "x"],
+            "unknown kind",
+        ),
+        (
+            vec![
+                "meta",
+                "create",
+                "pipeline",
+                "--parent",
+                &ws,
+                "--name",
+                "x",
+                "--set",
+                "colour=red",
+            ],
+            "has no field",
+        ),
+        (
+            vec![
+                "meta", "create", "pipeline", "--parent", &ws, "--name", "x", "--set", "novalue",
+            ],
+            "expected key=value",
+        ),
+        (vec!["meta", "get", "not-a-uuid"], "malformed id"),
+        (
+            vec!["meta", "get", "00000000-0000-4000-8000-000000000009"],
+            "MR-NOTFOUND",
+        ),
+        (
+            vec![
+                "meta",
+                "list",
+                "pipeline_run",
+                "--parent",
+                &ws,
+                "--status",
+                "sleeping",
+            ],
+            "unknown status",
+        ),
+        (
+            vec![
+                "rbac",
+                "create-role",
+                &org,
+                "bad",
+                "--permission",
+                "pipeline_run",
+            ],
+            "expected resource_type:action",
+        ),
+        (
+            vec![
+                "rbac",
+                "create-role",
+                &org,
+                "bad",
+                "--permission",
+                "pipeline_run:fly",
+            ],
+            "unknown action",
+        ),
+        (
+            vec![
+                "rbac",
+                "bind",
+                &org,
+                "--subject",
+                &bob,
+                "--role",
+                "nosuchrole",
+                "--scope",
+                &ws,
+            ],
+            "nosuchrole",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, out, err) = cli(&c, &args);
+        assert_ne!(code, 0, "{args:?} succeeded: {out}");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in {err:?}");
+    }
+    let (_, out, _) = cli(&c, &["meta", "list", "pipeline", "--parent", &ws]);
+    assert!(out.trim().is_empty(), "nothing was created: {out}");
+}
