@@ -407,6 +407,43 @@ async fn m02_parallel_steps_reads_and_rbac_on_every_node_survive_a_restart() {
         allowed.all,
         "a workspace viewer reads every run of its projects"
     );
+    eprintln!("--- ListAllowed: owned resources one by one; a deactivated user gets nothing");
+    let owned = |subject: String| {
+        let cl = c.client_at(f);
+        let p = p.clone();
+        async move {
+            cl.list_allowed(pb::ListAllowedRequest {
+                subject_id: subject,
+                action: "delete".into(),
+                resource_type: "pipeline_run".into(),
+                scope_id: p,
+                read: linearizable(),
+            })
+            .await
+            .expect("list allowed")
+        }
+    };
+    let a = owned(alice.clone()).await;
+    assert!(
+        !a.all && a.ids == vec![run.clone()],
+        "alice owns the run: {a:?}"
+    );
+    client
+        .meta_update(pb::UpdateResourceRequest {
+            id: alice.clone(),
+            spec: Some(pb::Resource {
+                spec: Some(S::User(pb::UserSpec {
+                    active: false,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("deactivate");
+    let a = owned(alice.clone()).await;
+    assert!(!a.all && a.ids.is_empty(), "deactivated: {a:?}");
 
     eprintln!("--- cache-key lookup and cascade delete through a follower");
     let step = c

@@ -700,19 +700,45 @@ impl Api {
             .ok_or_else(|| ApiError::Invalid("resource_type is required".into()))?;
         let scope = id_field("scope_id", &r.scope_id)?;
         let barrier = self.read_barrier(r.read).await?;
-        let out = self
-            .node
-            .sm
-            .with_rbac(|ix, v| -> ApiResult<pb::ListAllowedResponse> {
-                let at_scope = ix.check_at(v, v.applied, &subject, action, Some(rt), &scope)?;
+        // The index lock is held only for the decision and the granted scopes: apply waits on
+        // it, so the scan of owned resources runs after, on its own snapshot.
+        let (at_scope, active, granted) = self.node.sm.with_rbac(|ix, v| {
+            (
+                ix.check_at(v, v.applied, &subject, action, Some(rt), &scope),
+                ix.user_active(&subject),
+                ix.granted_scopes(&subject, rt, action),
+            )
+        })?;
+        match active {
+            None => {
+                return Err(ApiError::Meta(
+                    MetaErrorKind::NotFound,
+                    format!("no user {}", fmt_id(&subject)),
+                ))
+            }
+            // A deactivated user is allowed nothing, owned resources included.
+            Some(false) => {
+                return Ok(pb::ListAllowedResponse {
+                    applied_index: barrier,
+                    ..Default::default()
+                })
+            }
+            Some(true) => {}
+        }
+        if matches!(at_scope?, Reason::Binding { .. }) {
+            return Ok(pb::ListAllowedResponse {
+                all: true,
+                applied_index: barrier,
+                ..Default::default()
+            });
+        }
+        let sm = self.node.sm.clone();
+        tokio::task::spawn_blocking(move || {
+            sm.read_view(|v| -> ApiResult<pb::ListAllowedResponse> {
                 let mut resp = pb::ListAllowedResponse {
                     applied_index: v.applied.max(barrier),
                     ..Default::default()
                 };
-                if matches!(at_scope, Reason::Binding { .. }) {
-                    resp.all = true;
-                    return Ok(resp);
-                }
                 if query::get(v, &scope).is_err() {
                     return Err(ApiError::Meta(
                         MetaErrorKind::NotFound,
@@ -720,7 +746,7 @@ impl Api {
                     ));
                 }
                 let mut ids = Vec::new();
-                for s in ix.granted_scopes(&subject, rt, action) {
+                for s in granted {
                     let Ok(rec) = query::get(v, &s) else { continue };
                     if !rec.ancestors.contains(&scope) {
                         continue;
@@ -738,8 +764,10 @@ impl Api {
                 ids.dedup();
                 resp.ids = ids.iter().map(fmt_id).collect();
                 Ok(resp)
-            })??;
-        Ok(out)
+            })
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??
     }
 
     async fn explain_inner(&self, r: pb::ExplainRequest) -> ApiResult<pb::ExplainResponse> {
