@@ -63,8 +63,12 @@ pub struct RaftConfig {
     pub max_in_snapshot_log_to_keep: u64,
     /// Most entries in one append RPC. Default 1000.
     pub max_payload_entries: u64,
-    /// Timeout of one snapshot transfer (ms). Default 600000 (10 minutes).
+    /// Timeout of one snapshot transfer (ms): the floor; a bigger snapshot gets
+    /// size / snapshot_min_bandwidth_mb_s + 30 s instead. Default 600000 (10 minutes).
     pub snapshot_timeout_ms: u64,
+    /// The slowest peer link a snapshot transfer is expected to see (MB/s): sets the timeout of
+    /// a snapshot larger than the floor allows. Default 5.
+    pub snapshot_min_bandwidth_mb_s: u64,
     /// Request ids are remembered for this many log entries. Default 1000000.
     pub dedup_window: u64,
 }
@@ -116,6 +120,7 @@ impl Default for RaftConfig {
             max_in_snapshot_log_to_keep: 10_000,
             max_payload_entries: 1000,
             snapshot_timeout_ms: 600_000,
+            snapshot_min_bandwidth_mb_s: 5,
             dedup_window: crate::fsm::DEFAULT_DEDUP_WINDOW,
         }
     }
@@ -308,6 +313,12 @@ impl Config {
                 reason: "must be > 0".into(),
             });
         }
+        if r.snapshot_min_bandwidth_mb_s == 0 {
+            return Err(ConfigError::Invalid {
+                key: "raft.snapshot_min_bandwidth_mb_s",
+                reason: "must be > 0".into(),
+            });
+        }
         if r.dedup_window == 0 {
             return Err(ConfigError::Invalid {
                 key: "raft.dedup_window",
@@ -388,6 +399,14 @@ mod tests {
             .expect_err("bad")
             .to_string()
             .contains("does not include"));
+    }
+
+    #[test]
+    fn zero_snapshot_bandwidth_is_refused() {
+        let mut c = valid();
+        c.raft.snapshot_min_bandwidth_mb_s = 0;
+        let e = c.validate().expect_err("zero bandwidth").to_string();
+        assert!(e.contains("snapshot_min_bandwidth_mb_s"), "{e}");
     }
 
     #[test]

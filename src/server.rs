@@ -89,6 +89,10 @@ impl Server {
         let factory = NetworkFactory {
             self_id: config.node_id,
             pool: pool.clone(),
+            snapshot_min_bytes_per_sec: config
+                .raft
+                .snapshot_min_bandwidth_mb_s
+                .saturating_mul(1 << 20),
         };
         let raft = Raft::new(config.node_id, rcfg, factory, log.clone(), sm.clone())
             .await

@@ -209,6 +209,8 @@ pub(crate) fn status_to_net(addr: &str, s: tonic::Status) -> NetError {
 pub struct NetworkFactory {
     pub self_id: NodeId,
     pub pool: Arc<PeerPool>,
+    /// Bytes per second a snapshot transfer may be as slow as (sets its timeout with its size).
+    pub snapshot_min_bytes_per_sec: u64,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -220,6 +222,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             self_id: self.self_id,
             addr: node.peer_addr.clone(),
             pool: self.pool.clone(),
+            snapshot_min_bytes_per_sec: self.snapshot_min_bytes_per_sec,
         }
     }
 }
@@ -229,6 +232,14 @@ pub struct PeerNetwork {
     self_id: NodeId,
     addr: String,
     pool: Arc<PeerPool>,
+    snapshot_min_bytes_per_sec: u64,
+}
+
+/// The timeout of one snapshot transfer: the configured floor, or long enough to move `bytes`
+/// at `min_bytes_per_sec` plus 30 s, whichever is longer.
+pub fn snapshot_timeout(floor: Duration, bytes: u64, min_bytes_per_sec: u64) -> Duration {
+    let transfer = Duration::from_secs_f64(bytes as f64 / min_bytes_per_sec.max(1) as f64);
+    floor.max(transfer + Duration::from_secs(30))
 }
 
 fn net_err<E: std::fmt::Display>(e: E) -> RPCError<TypeConfig> {
@@ -359,7 +370,12 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         let client = self.pool.client(&self.addr).map_err(|e| {
             StreamingError::Network(NetworkError::new(&AnyError::error(e.to_string())))
         })?;
-        let send = snapshot::send(client, self.addr.clone(), vote, snapshot, option.hard_ttl());
+        let dir = snapshot.snapshot.path.clone();
+        let bytes = tokio::task::spawn_blocking(move || snapshot::dir_bytes(&dir))
+            .await
+            .unwrap_or(0);
+        let timeout = snapshot_timeout(option.hard_ttl(), bytes, self.snapshot_min_bytes_per_sec);
+        let send = snapshot::send(client, self.addr.clone(), vote, snapshot, timeout);
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             r = send => r.map_err(|e| match e {
@@ -378,5 +394,35 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             c.transfer_leader(b).await
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_timeout_grows_with_size_above_the_floor() {
+        let floor = Duration::from_secs(600);
+        let mb = 1u64 << 20;
+        // Small snapshots keep the floor.
+        assert_eq!(snapshot_timeout(floor, 100 * mb, 5 * mb), floor);
+        // 10 GiB at 5 MB/s: 2048 s + 30 s.
+        assert_eq!(
+            snapshot_timeout(floor, 10 * 1024 * mb, 5 * mb),
+            Duration::from_secs(2048 + 30)
+        );
+        // A zero rate cannot divide by zero.
+        assert!(snapshot_timeout(floor, mb, 0) >= floor);
+    }
+
+    #[test]
+    fn dir_bytes_sums_file_sizes() {
+        let d = tempfile::tempdir().expect("tmp");
+        std::fs::write(d.path().join("a"), vec![0u8; 1000]).expect("write");
+        std::fs::write(d.path().join("b"), vec![0u8; 24]).expect("write");
+        std::fs::create_dir(d.path().join("sub")).expect("mkdir");
+        assert_eq!(snapshot::dir_bytes(d.path()), 1024);
+        assert_eq!(snapshot::dir_bytes(&d.path().join("missing")), 0);
     }
 }

@@ -56,6 +56,20 @@ pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<(FileEntry, PathBuf)>> 
     Ok(out)
 }
 
+/// Total size of the files of a snapshot directory (0 if it cannot be read: the transfer then
+/// reports the real error).
+pub fn dir_bytes(dir: &std::path::Path) -> u64 {
+    // Metadata only: the manifest's CRCs are computed once, by the transfer itself.
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// Streams `snapshot` to a peer and returns its answer.
 pub async fn send(
     mut client: super::PeerConn,
