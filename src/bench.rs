@@ -116,7 +116,8 @@ impl Conn {
             Conn::Etcd(c) => {
                 // etcd has linearizable and serializable (local) reads; session maps to serializable.
                 let opts = match consistency {
-                    ConsistencyArg::Linearizable => None,
+                    // etcd has no lease read: the closest guarantee is its linearizable read.
+                    ConsistencyArg::Linearizable | ConsistencyArg::Lease => None,
                     _ => Some(etcd_client::GetOptions::new().with_serializable()),
                 };
                 c.get(key, opts).await?;

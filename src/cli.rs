@@ -149,6 +149,7 @@ pub enum ConsistencyArg {
     Linearizable,
     Session,
     Stale,
+    Lease,
 }
 
 impl ConsistencyArg {
@@ -157,6 +158,7 @@ impl ConsistencyArg {
             ConsistencyArg::Linearizable => pb::Consistency::Linearizable,
             ConsistencyArg::Session => pb::Consistency::Session,
             ConsistencyArg::Stale => pb::Consistency::Stale,
+            ConsistencyArg::Lease => pb::Consistency::Lease,
         }
     }
 }

@@ -109,6 +109,7 @@ impl Server {
             meta_clock: std::sync::atomic::AtomicU64::new(0),
             leader_reads: Default::default(),
             reads: Default::default(),
+            lease_reads: Default::default(),
         });
 
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

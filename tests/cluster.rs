@@ -687,3 +687,62 @@ async fn t09_transfer_leader_via_cli_and_readyz_of_a_lone_node() {
     assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
     assert!(http_get(&ops, "/healthz").await.starts_with("HTTP/1.1 200"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t10_lease_reads_on_every_node_see_acknowledged_writes() {
+    let _g = serial();
+    let c = TestCluster::start(3, &[]);
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    let lease = Some(pb::ReadOptions {
+        consistency: pb::Consistency::Lease as i32,
+        min_revision: 0,
+        max_lag: 0,
+    });
+    for round in 0..20 {
+        // Written through one node, read right after the acknowledgement through each node.
+        let writer = c.client_at(round % 3);
+        let rev = put(&writer, "lease/k", &format!("v{round}")).await;
+        for node in 0..3 {
+            let r = c
+                .client_at(node)
+                .get(pb::GetRequest {
+                    key: b"lease/k".to_vec(),
+                    read: lease.clone(),
+                })
+                .await
+                .expect("lease read");
+            let kv = r.kv.expect("present");
+            assert_eq!(
+                kv.value,
+                format!("v{round}").into_bytes(),
+                "node {node} round {round}"
+            );
+            assert!(
+                r.applied_index >= rev,
+                "served at {} < write {rev}",
+                r.applied_index
+            );
+        }
+    }
+    // After a leader change, lease reads on the new leader and the old one still see the
+    // latest write.
+    let target = (leader + 1) % 3;
+    c.client()
+        .transfer_leader(c.nodes[target].id)
+        .await
+        .expect("transfer");
+    let now = c.wait_for_leader(Duration::from_secs(10)).await;
+    let rev = put(&c.client_at(now), "lease/k", "after").await;
+    for node in [leader, now] {
+        let r = c
+            .client_at(node)
+            .get(pb::GetRequest {
+                key: b"lease/k".to_vec(),
+                read: lease.clone(),
+            })
+            .await
+            .expect("lease read after transfer");
+        assert_eq!(r.kv.map(|k| k.value), Some(b"after".to_vec()));
+        assert!(r.applied_index >= rev);
+    }
+}

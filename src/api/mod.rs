@@ -92,6 +92,7 @@ impl Api {
             }
             pb::Consistency::Session => Ok(self.node.wait_applied(o.min_revision).await?),
             pb::Consistency::Stale => Ok(self.node.check_stale(o.max_lag)?),
+            pb::Consistency::Lease => Ok(self.node.lease_barrier().await?),
         }
     }
 

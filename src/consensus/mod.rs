@@ -103,6 +103,8 @@ pub struct Consensus {
     pub leader_reads: Arc<batch::ReadBatcher>,
     /// Coalesces read-index requests this node makes (to itself or to the leader).
     pub reads: Arc<batch::ReadBatcher>,
+    /// Coalesces the LEASE-read index requests this node makes, likewise.
+    pub lease_reads: Arc<batch::ReadBatcher>,
     /// The last time stamped on a meta command by this node as leader (keeps stamps monotonic).
     pub meta_clock: std::sync::atomic::AtomicU64,
 }
@@ -238,12 +240,18 @@ impl Consensus {
 
     /// One ReadIndex round on the leader: confirm leadership with a quorum.
     async fn read_index_round(&self) -> Result<u64, ConsensusError> {
-        let r = tokio::time::timeout(
-            self.write_timeout(),
-            self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
-        )
-        .await
-        .map_err(|_| ConsensusError::Timeout("read index".into()))?;
+        self.read_round(ReadPolicy::ReadIndex).await
+    }
+
+    /// Leader only: the index a LEASE read must wait for, vouched for by the leader lease.
+    pub async fn lease_index_local(&self) -> Result<u64, ConsensusError> {
+        self.read_round(ReadPolicy::LeaseRead).await
+    }
+
+    async fn read_round(&self, policy: ReadPolicy) -> Result<u64, ConsensusError> {
+        let r = tokio::time::timeout(self.write_timeout(), self.raft.ensure_linearizable(policy))
+            .await
+            .map_err(|_| ConsensusError::Timeout("read index".into()))?;
         match r {
             Ok(id) => Ok(id.index()),
             Err(e) => match e.forward_to_leader() {
@@ -261,22 +269,43 @@ impl Consensus {
         self.reads
             .read(move || {
                 let me = me.clone();
-                async move { me.read_index_uncoalesced().await }
+                async move { me.read_index_uncoalesced(false).await }
             })
             .await
     }
 
-    async fn read_index_uncoalesced(self: &Arc<Self>) -> Result<u64, ConsensusError> {
+    /// LEASE read barrier: the leader's lease-vouched index (asked of the leader by followers,
+    /// one request per read), then wait until this node applied it.
+    pub async fn lease_barrier(self: &Arc<Self>) -> Result<u64, ConsensusError> {
+        let me = self.clone();
+        let idx = self
+            .lease_reads
+            .read(move || {
+                let me = me.clone();
+                async move { me.read_index_uncoalesced(true).await }
+            })
+            .await?;
+        self.wait_applied(idx).await
+    }
+
+    async fn read_index_uncoalesced(self: &Arc<Self>, lease: bool) -> Result<u64, ConsensusError> {
         let deadline = Instant::now() + self.write_timeout();
         loop {
             let (leader, addr) = self.wait_leader(deadline).await?;
             let r = if leader == self.id {
-                self.read_index_local().await
+                if lease {
+                    self.lease_index_local().await
+                } else {
+                    self.read_index_local().await
+                }
             } else {
                 let mut c = self.pool.client(&addr)?;
                 let left = deadline.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(left, c.read_index(crate::pb::peer::ReadIndexRequest {}))
-                    .await
+                match tokio::time::timeout(
+                    left,
+                    c.read_index(crate::pb::peer::ReadIndexRequest { lease }),
+                )
+                .await
                 {
                     Err(_) => Err(ConsensusError::Timeout("read index from leader".into())),
                     Ok(Ok(r)) => Ok(r.into_inner().index),

@@ -144,9 +144,14 @@ impl Peer for PeerService {
 
     async fn read_index(
         &self,
-        _req: Request<ReadIndexRequest>,
+        req: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
-        match self.node.read_index_local().await {
+        let r = if req.into_inner().lease {
+            self.node.lease_index_local().await
+        } else {
+            self.node.read_index_local().await
+        };
+        match r {
             Ok(index) => Ok(Response::new(ReadIndexResponse { index })),
             Err(ConsensusError::NoLeader { .. }) => {
                 Err(Status::failed_precondition("not the leader"))
