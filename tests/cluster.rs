@@ -707,7 +707,7 @@ async fn t10_lease_reads_on_every_node_see_acknowledged_writes() {
                 .client_at(node)
                 .get(pb::GetRequest {
                     key: b"lease/k".to_vec(),
-                    read: lease.clone(),
+                    read: lease,
                 })
                 .await
                 .expect("lease read");
@@ -738,7 +738,7 @@ async fn t10_lease_reads_on_every_node_see_acknowledged_writes() {
             .client_at(node)
             .get(pb::GetRequest {
                 key: b"lease/k".to_vec(),
-                read: lease.clone(),
+                read: lease,
             })
             .await
             .expect("lease read after transfer");
