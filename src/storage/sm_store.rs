@@ -536,9 +536,15 @@ impl StateMachineStore {
             return Ok(());
         }
         self.write_batch(db, std::mem::take(batch), last)?;
-        {
+        // Only batches that wrote metadata rows take the RBAC index's lock (key/value writes,
+        // the hot path, never do).
+        let mut rows = overlay
+            .iter()
+            .filter(|(k, _)| k.first() == Some(&keys::META_ROW))
+            .peekable();
+        if rows.peek().is_some() {
             let mut rbac = self.rbac_write();
-            for (k, v) in overlay.iter() {
+            for (k, v) in rows {
                 rbac.observe(k, v.as_deref())?;
             }
         }

@@ -662,14 +662,7 @@ fn create(
                 if p.parent != parent {
                     return invalid("the pipeline belongs to another project");
                 }
-                let old = p.clone();
-                if let Spec::Pipeline { run_count, .. } = &mut p.spec {
-                    *run_count += 1;
-                    run_index = *run_count;
-                }
-                p.mod_revision = index;
-                p.updated_ms = at_ms;
-                tx.write_row(Some(&old), Some(&p))?;
+                run_index = bump_counter(tx, &mut p, index, at_ms)?;
             }
             if parent_run != NIL {
                 if parent_run == id {
@@ -767,15 +760,7 @@ fn create(
                 tx.must_kind(&run, Kind::PipelineRun)?;
             }
             let mut a = tx.must_kind(&parent, Kind::Artifact)?;
-            let old = a.clone();
-            let mut number = 0;
-            if let Spec::Artifact { latest_version, .. } = &mut a.spec {
-                *latest_version += 1;
-                number = *latest_version;
-            }
-            a.mod_revision = index;
-            a.updated_ms = at_ms;
-            tx.write_row(Some(&old), Some(&a))?;
+            let number = bump_counter(tx, &mut a, index, at_ms)?;
             name = number.to_string();
             Spec::ArtifactVersion {
                 uri,
@@ -800,15 +785,7 @@ fn create(
                 tx.must_kind(&run, Kind::PipelineRun)?;
             }
             let mut m = tx.must_kind(&parent, Kind::Model)?;
-            let old = m.clone();
-            let mut number = 0;
-            if let Spec::Model { latest_version, .. } = &mut m.spec {
-                *latest_version += 1;
-                number = *latest_version;
-            }
-            m.mod_revision = index;
-            m.updated_ms = at_ms;
-            tx.write_row(Some(&old), Some(&m))?;
+            let number = bump_counter(tx, &mut m, index, at_ms)?;
             name = number.to_string();
             Spec::ModelVersion {
                 artifact_version,
@@ -860,6 +837,29 @@ fn create(
         }
     }
     Ok(rec)
+}
+
+/// Increments the counter a container hands out (a pipeline's run count, an artifact's or a
+/// model's latest version number), writes the container, and returns the new value.
+fn bump_counter(tx: &mut Tx<'_>, rec: &mut Record, index: u64, at_ms: u64) -> R<u64> {
+    let old = rec.clone();
+    let next = match &mut rec.spec {
+        Spec::Pipeline { run_count: c, .. }
+        | Spec::Artifact {
+            latest_version: c, ..
+        }
+        | Spec::Model {
+            latest_version: c, ..
+        } => {
+            *c += 1;
+            *c
+        }
+        _ => return invalid(format!("a {} hands out no numbers", rec.kind().name())),
+    };
+    rec.mod_revision = index;
+    rec.updated_ms = at_ms;
+    tx.write_row(Some(&old), Some(rec))?;
+    Ok(next)
 }
 
 fn check_members(tx: &Tx<'_>, org: &Id, members: &[Id]) -> R<()> {
