@@ -110,6 +110,7 @@ impl Server {
             leader_reads: Default::default(),
             reads: Default::default(),
             lease_reads: Default::default(),
+            forwarder: Default::default(),
         });
 
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

@@ -511,8 +511,47 @@ async fn t07_bad_input_on_every_rpc_is_a_clear_error() {
         ),
         Code::FailedPrecondition
     );
+    // The peer port: forwarded writes that do not decode, or too many in one batch, are refused.
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.nodes[0].peer))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to peer port");
+    let mut peer = metaraft::pb::peer::peer_client::PeerClient::new(ch);
+    let garbage = || metaraft::pb::peer::Blob {
+        data: b"garbage".to_vec(),
+    };
+    for r in [
+        peer.forward(garbage()).await,
+        peer.forward_batch(garbage()).await,
+    ] {
+        let s = r.expect_err("garbage is refused");
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("cannot decode"), "{}", s.message());
+    }
+    let too_many: Vec<metaraft::fsm::Request> = (0..=metaraft::consensus::batch::MAX_FORWARD_BATCH)
+        .map(|i| {
+            metaraft::fsm::Request::new(
+                "",
+                metaraft::fsm::Command::Put {
+                    key: format!("k{i}").into_bytes(),
+                    value: b"v".to_vec(),
+                    expected_revision: None,
+                },
+            )
+        })
+        .collect();
+    let s = peer
+        .forward_batch(metaraft::pb::peer::Blob {
+            data: metaraft::raft_types::encode(&too_many).expect("encode"),
+        })
+        .await
+        .expect_err("an oversized batch is refused");
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("at most"), "{}", s.message());
     // Nothing above was written.
     assert_eq!(get_value(&c.client(), "k").await, None);
+    assert_eq!(get_value(&c.client(), "k0").await, None);
     // The Txn happy path, atomically.
     let ok = pb::TxnRequest {
         compares: vec![pb::Compare {

@@ -1,15 +1,23 @@
-//! Read-index coalescing: concurrent linearizable reads share one read-index round.
+//! Coalescing of the work a node sends to the leader.
 //!
-//! A read that arrives while a round is in flight waits for the *next* round, which starts after
-//! it arrived, so every read still sees every write acknowledged before it began. One round per
-//! batch instead of one per read cuts heartbeats on the leader and RPCs from followers.
+//! - [`ReadBatcher`]: concurrent linearizable reads share one read-index round. A read that
+//!   arrives while a round is in flight waits for the *next* round, which starts after it
+//!   arrived, so every read still sees every write acknowledged before it began. One round per
+//!   batch instead of one per read cuts heartbeats on the leader and RPCs from followers.
+//! - [`ForwardBatcher`]: writes a follower forwards travel to the leader several per RPC and are
+//!   proposed there in one call, so the leader's per-request gRPC and Raft-core costs are paid
+//!   per batch. Each write still gets its own result; nothing is merged.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::ConsensusError;
+use super::{ConsensusError, Forwarded};
+use crate::fsm::{Request, Response};
+use crate::net::{NetError, PeerPool};
 
 type Waiter = oneshot::Sender<Result<u64, ConsensusError>>;
 
@@ -64,6 +72,106 @@ impl ReadBatcher {
         }
         rx.await
             .unwrap_or_else(|_| Err(ConsensusError::Fatal("read round dropped".into())))
+    }
+}
+
+/// Most writes one ForwardBatch RPC carries (the leader refuses more).
+pub const MAX_FORWARD_BATCH: usize = 512;
+/// Batches one node keeps in flight to the leader. Two keeps the pipe full: one batch commits
+/// while the next one fills.
+const MAX_FORWARD_SENDERS: usize = 8;
+
+type ForwardResult = Result<Forwarded<Response>, NetError>;
+type ForwardWaiter = oneshot::Sender<ForwardResult>;
+
+#[derive(Default)]
+pub struct ForwardBatcher {
+    state: Mutex<ForwardState>,
+}
+
+#[derive(Default)]
+struct ForwardState {
+    /// (leader peer address, write, waiter), oldest first.
+    queue: Vec<(String, Request, ForwardWaiter)>,
+    senders: usize,
+}
+
+impl ForwardBatcher {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ForwardState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forwards `req` to the leader at `addr`, in a batch with whatever else is waiting. An idle
+    /// node sends at once: batching adds no latency, it only collects writes that arrive while
+    /// earlier batches are in flight. Senders run as their own tasks, so a caller that gives up
+    /// never strands the others.
+    pub async fn forward(
+        self: &Arc<Self>,
+        pool: &Arc<PeerPool>,
+        addr: &str,
+        req: Request,
+        timeout: Duration,
+    ) -> ForwardResult {
+        let (tx, rx) = oneshot::channel();
+        let start_sender = {
+            let mut st = self.lock();
+            st.queue.push((addr.to_string(), req, tx));
+            let start = st.senders < MAX_FORWARD_SENDERS;
+            if start {
+                st.senders += 1;
+            }
+            start
+        };
+        if start_sender {
+            let (me, pool) = (self.clone(), pool.clone());
+            tokio::spawn(async move { me.send_until_empty(pool, timeout).await });
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => Err(NetError::Unreachable {
+                addr: addr.into(),
+                reason: format!("no answer within {timeout:?}"),
+            }),
+            Ok(Err(_)) => Err(NetError::Unreachable {
+                addr: addr.into(),
+                reason: "the forwarding task stopped".into(),
+            }),
+            Ok(Ok(r)) => r,
+        }
+    }
+
+    async fn send_until_empty(&self, pool: Arc<PeerPool>, timeout: Duration) {
+        loop {
+            let taken: Vec<_> = {
+                let mut st = self.lock();
+                if st.queue.is_empty() {
+                    st.senders -= 1;
+                    return;
+                }
+                let n = st.queue.len().min(MAX_FORWARD_BATCH);
+                st.queue.drain(..n).collect()
+            };
+            // Normally one leader address; two only while leadership moves.
+            let mut by_addr: BTreeMap<String, Vec<(Request, ForwardWaiter)>> = BTreeMap::new();
+            for (addr, req, w) in taken {
+                by_addr.entry(addr).or_default().push((req, w));
+            }
+            for (addr, items) in by_addr {
+                send_batch(&pool, &addr, items, timeout).await;
+            }
+        }
+    }
+}
+
+async fn send_batch(
+    pool: &PeerPool,
+    addr: &str,
+    items: Vec<(Request, ForwardWaiter)>,
+    timeout: Duration,
+) {
+    let (reqs, waiters): (Vec<Request>, Vec<ForwardWaiter>) = items.into_iter().unzip();
+    let results = pool.forward_batch(addr, timeout, &reqs).await;
+    for (w, r) in waiters.into_iter().zip(results) {
+        let _ = w.send(r);
     }
 }
 

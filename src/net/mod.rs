@@ -187,6 +187,57 @@ impl PeerPool {
     }
 }
 
+impl PeerPool {
+    /// Sends several bincode-encoded writes in one ForwardBatch call; one answer per write, in
+    /// order, always exactly `reqs.len()` of them. A leader from before ForwardBatch answers
+    /// UNIMPLEMENTED: the writes then go one Forward call each (rolling upgrades).
+    pub async fn forward_batch<Req, Resp>(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        reqs: &[Req],
+    ) -> Vec<Result<Resp, NetError>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+    {
+        let r: Result<Vec<Resp>, NetError> = self
+            .call_blob(addr, timeout, &reqs, |mut c, b| async move {
+                c.forward_batch(b).await
+            })
+            .await;
+        match r {
+            Ok(results) if results.len() == reqs.len() => results.into_iter().map(Ok).collect(),
+            Ok(results) => {
+                let e = NetError::Codec {
+                    addr: addr.into(),
+                    reason: format!(
+                        "{} answers for {} forwarded writes",
+                        results.len(),
+                        reqs.len()
+                    ),
+                };
+                reqs.iter().map(|_| Err(e.clone())).collect()
+            }
+            Err(NetError::Status {
+                code: tonic::Code::Unimplemented,
+                ..
+            }) => {
+                let calls = reqs.iter().map(|req| {
+                    self.call_blob(
+                        addr,
+                        timeout,
+                        req,
+                        |mut c, b| async move { c.forward(b).await },
+                    )
+                });
+                futures::future::join_all(calls).await
+            }
+            Err(e) => reqs.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+}
+
 pub(crate) fn status_to_net(addr: &str, s: tonic::Status) -> NetError {
     match s.code() {
         tonic::Code::Unavailable
@@ -399,7 +450,232 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tonic::{Request, Response, Status, Streaming};
+
     use super::*;
+    use crate::consensus::Forwarded;
+    use crate::fsm::{Command, Request as Write, Response as WriteResult};
+    use crate::pb::peer::peer_server::{Peer, PeerServer};
+    use crate::pb::peer::{
+        NodeStatusRequest, NodeStatusResponse, ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
+    };
+
+    /// A leader that answers each forwarded Put with its key's number as the revision.
+    /// `has_batch: false` plays a leader from before ForwardBatch; `short: true` one that
+    /// answers a batch with one result too few.
+    #[derive(Default)]
+    struct FakeLeader {
+        has_batch: bool,
+        short: bool,
+        batch_calls: AtomicUsize,
+        single_calls: AtomicUsize,
+    }
+
+    fn answer(w: &Write) -> Forwarded<WriteResult> {
+        match &w.command {
+            Command::Put { key, .. } => Forwarded::Ok(WriteResult::Put {
+                revision: String::from_utf8_lossy(key).parse().unwrap_or(0),
+                prev_revision: 0,
+            }),
+            _ => Forwarded::Failed("unexpected command".into()),
+        }
+    }
+
+    fn put(n: u64) -> Write {
+        Write::new(
+            "",
+            Command::Put {
+                key: n.to_string().into_bytes(),
+                value: b"v".to_vec(),
+                expected_revision: None,
+            },
+        )
+    }
+
+    fn revision(r: &Result<Forwarded<WriteResult>, NetError>) -> Option<u64> {
+        match r {
+            Ok(Forwarded::Ok(WriteResult::Put { revision, .. })) => Some(*revision),
+            _ => None,
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Peer for Arc<FakeLeader> {
+        async fn append_entries(&self, _: Request<Blob>) -> Result<Response<Blob>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        type AppendStreamStream =
+            std::pin::Pin<Box<dyn futures::Stream<Item = Result<Blob, Status>> + Send + 'static>>;
+        async fn append_stream(
+            &self,
+            _: Request<Streaming<Blob>>,
+        ) -> Result<Response<Self::AppendStreamStream>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn vote(&self, _: Request<Blob>) -> Result<Response<Blob>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn transfer_leader(&self, _: Request<Blob>) -> Result<Response<Blob>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<Streaming<SnapshotChunk>>,
+        ) -> Result<Response<Blob>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn forward(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+            self.single_calls.fetch_add(1, Ordering::SeqCst);
+            let w: Write =
+                decode(&req.into_inner().data).map_err(|e| Status::internal(e.to_string()))?;
+            let data = encode(&answer(&w)).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(Response::new(Blob { data }))
+        }
+        async fn forward_batch(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+            if !self.has_batch {
+                return Err(Status::unimplemented("unknown method ForwardBatch"));
+            }
+            self.batch_calls.fetch_add(1, Ordering::SeqCst);
+            let ws: Vec<Write> =
+                decode(&req.into_inner().data).map_err(|e| Status::internal(e.to_string()))?;
+            let mut out: Vec<_> = ws.iter().map(answer).collect();
+            if self.short {
+                out.pop();
+            }
+            let data = encode(&out).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(Response::new(Blob { data }))
+        }
+        async fn admin(&self, _: Request<Blob>) -> Result<Response<Blob>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn read_index(
+            &self,
+            _: Request<ReadIndexRequest>,
+        ) -> Result<Response<ReadIndexResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn node_status(
+            &self,
+            _: Request<NodeStatusRequest>,
+        ) -> Result<Response<NodeStatusResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+    }
+
+    async fn serve(leader: Arc<FakeLeader>) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(leader))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        addr
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn forward_batch_answers_each_write_in_order_in_one_call() {
+        let leader = Arc::new(FakeLeader {
+            has_batch: true,
+            ..Default::default()
+        });
+        let addr = serve(leader.clone()).await;
+        let pool = PeerPool::default();
+        let reqs: Vec<Write> = (1..=5).map(put).collect();
+        let got = pool
+            .forward_batch::<_, Forwarded<WriteResult>>(&addr, T, &reqs)
+            .await;
+        assert_eq!(
+            got.iter().map(revision).collect::<Vec<_>>(),
+            (1..=5).map(Some).collect::<Vec<_>>()
+        );
+        assert_eq!(leader.batch_calls.load(Ordering::SeqCst), 1);
+        assert_eq!(leader.single_calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn forward_batch_falls_back_to_single_calls_on_an_old_leader() {
+        let leader = Arc::new(FakeLeader::default());
+        let addr = serve(leader.clone()).await;
+        let pool = PeerPool::default();
+        let reqs: Vec<Write> = (1..=4).map(put).collect();
+        let got = pool
+            .forward_batch::<_, Forwarded<WriteResult>>(&addr, T, &reqs)
+            .await;
+        assert_eq!(
+            got.iter().map(revision).collect::<Vec<_>>(),
+            (1..=4).map(Some).collect::<Vec<_>>()
+        );
+        assert_eq!(leader.single_calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn forward_batch_errors_reach_every_write() {
+        // A wrong number of answers: no write may take another's answer.
+        let leader = Arc::new(FakeLeader {
+            has_batch: true,
+            short: true,
+            ..Default::default()
+        });
+        let addr = serve(leader).await;
+        let pool = PeerPool::default();
+        let reqs: Vec<Write> = (1..=3).map(put).collect();
+        let got = pool
+            .forward_batch::<_, Forwarded<WriteResult>>(&addr, T, &reqs)
+            .await;
+        assert_eq!(got.len(), 3);
+        assert!(
+            got.iter().all(|r| matches!(r, Err(NetError::Codec { .. }))),
+            "{got:?}"
+        );
+        // Nobody listening.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").to_string()
+        };
+        let got = pool
+            .forward_batch::<_, Forwarded<WriteResult>>(&dead, Duration::from_secs(2), &reqs)
+            .await;
+        assert_eq!(got.len(), 3);
+        assert!(
+            got.iter()
+                .all(|r| matches!(r, Err(NetError::Unreachable { .. }))),
+            "{got:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forward_batcher_coalesces_concurrent_writes_and_answers_each_its_own() {
+        let leader = Arc::new(FakeLeader {
+            has_batch: true,
+            ..Default::default()
+        });
+        let addr = serve(leader.clone()).await;
+        let pool = Arc::new(PeerPool::default());
+        let b = Arc::new(crate::consensus::batch::ForwardBatcher::default());
+        let mut tasks = Vec::new();
+        for n in 1..=200u64 {
+            let (b, pool, addr) = (b.clone(), pool.clone(), addr.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = b.forward(&pool, &addr, put(n), T).await;
+                assert_eq!(revision(&r), Some(n), "{r:?}");
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let calls = leader.batch_calls.load(Ordering::SeqCst);
+        assert!(
+            calls < 200,
+            "200 writes took {calls} calls: nothing was batched"
+        );
+    }
 
     #[test]
     fn snapshot_timeout_grows_with_size_above_the_floor() {

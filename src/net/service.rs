@@ -135,6 +135,19 @@ impl Peer for PeerService {
         blob(&self.node.write_local(r).await)
     }
 
+    async fn forward_batch(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let reqs: Vec<crate::fsm::Request> =
+            decode(&req.into_inner().data).map_err(|e| bad("forwarded writes", e))?;
+        if reqs.len() > crate::consensus::batch::MAX_FORWARD_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} forwarded writes in one batch; at most {}",
+                reqs.len(),
+                crate::consensus::batch::MAX_FORWARD_BATCH
+            )));
+        }
+        blob(&self.node.write_local_many(reqs).await)
+    }
+
     async fn admin(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
         let r: AdminRequest =
             decode(&req.into_inner().data).map_err(|e| bad("admin request", e))?;
