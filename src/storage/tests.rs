@@ -190,3 +190,81 @@ async fn batch_boundaries_do_not_change_state() {
     );
     assert_eq!(one_batch.applied_index(), 300);
 }
+
+fn delete_entry(index: u64, key: &str) -> crate::raft_types::Entry {
+    let mut e = entry(index, key, "");
+    e.payload = openraft::EntryPayload::Normal(crate::fsm::Request::new(
+        "",
+        crate::fsm::Command::Delete {
+            key: key.into(),
+            expected_revision: None,
+        },
+    ));
+    e
+}
+
+/// Puts and deletes over a few keys, so most writes find the key's previous record.
+fn churn(from: u64, to: u64) -> Vec<crate::raft_types::Entry> {
+    (from..=to)
+        .map(|i| {
+            let key = format!("k{}", i % 5);
+            if i % 7 == 0 {
+                delete_entry(i, &key)
+            } else {
+                entry(i, &key, &format!("v{i}"))
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn apply_cache_never_changes_results() {
+    // `warm` keeps its apply cache across batches; `cold` is reopened (an empty cache) before
+    // every batch. Versions and create revisions come from each key's previous record, so a
+    // stale cache would show in the hash.
+    let a = tempfile::tempdir().expect("tmp");
+    let b = tempfile::tempdir().expect("tmp");
+    let mut warm = StateMachineStore::open(a.path(), 1000).expect("open");
+    let mut from = 1;
+    for size in [1u64, 3, 2, 17, 1, 40, 5] {
+        apply(&mut warm, churn(from, from + size - 1)).await;
+        let mut cold = StateMachineStore::open(b.path(), 1000).expect("open");
+        apply(&mut cold, churn(from, from + size - 1)).await;
+        assert_eq!(
+            warm.state_hash().expect("hash"),
+            cold.state_hash().expect("hash"),
+            "after entries up to {}",
+            from + size - 1
+        );
+        from += size;
+    }
+}
+
+#[tokio::test]
+async fn snapshot_install_empties_the_apply_cache() {
+    // `behind` stops at 30 and builds a snapshot; `ahead` applies to 60 (its cache now holds
+    // the keys' records at 60), installs the snapshot at 30, and applies 31..=60 again. Both
+    // must end equal: the cached records from before the install must not be used.
+    let a = tempfile::tempdir().expect("tmp");
+    let b = tempfile::tempdir().expect("tmp");
+    let mut behind = StateMachineStore::open(a.path(), 1000).expect("open");
+    let mut ahead = StateMachineStore::open(b.path(), 1000).expect("open");
+    apply(&mut behind, churn(1, 30)).await;
+    apply(&mut ahead, churn(1, 60)).await;
+    let snap = behind
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build");
+    ahead
+        .install_snapshot(&snap.meta, snap.snapshot.clone())
+        .await
+        .expect("install");
+    apply(&mut behind, churn(31, 60)).await;
+    apply(&mut ahead, churn(31, 60)).await;
+    assert_eq!(
+        ahead.state_hash().expect("hash"),
+        behind.state_hash().expect("hash")
+    );
+}
