@@ -76,6 +76,7 @@ pub struct Metrics {
     pub replicated_bytes: AtomicU64,
     fsync_latency: Histogram,
     fsync_batch: Histogram,
+    forward_batch: Histogram,
     rpc_latency: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
 }
 
@@ -95,6 +96,7 @@ impl Default for Metrics {
             replicated_bytes: AtomicU64::new(0),
             fsync_latency: Histogram::new(LATENCY_BUCKETS.len()),
             fsync_batch: Histogram::new(BATCH_BUCKETS.len()),
+            forward_batch: Histogram::new(BATCH_BUCKETS.len()),
             rpc_latency: Mutex::new(BTreeMap::new()),
         }
     }
@@ -105,6 +107,11 @@ impl Metrics {
         self.fsync_latency
             .observe(&LATENCY_BUCKETS, d.as_secs_f64());
         self.fsync_batch.observe(&BATCH_BUCKETS, batch as f64);
+    }
+
+    /// Records one ForwardBatch call this node sent to the leader, of `writes` writes.
+    pub fn observe_forward_batch(&self, writes: usize) {
+        self.forward_batch.observe(&BATCH_BUCKETS, writes as f64);
     }
 
     /// Records one client RPC: `code` is "ok" or the gRPC code name.
@@ -194,6 +201,9 @@ impl Metrics {
             "",
             &BATCH_BUCKETS,
         );
+        let _ = writeln!(out, "# HELP metaraft_forward_batch_size Writes per batch this node forwarded to the leader.\n# TYPE metaraft_forward_batch_size histogram");
+        self.forward_batch
+            .render(&mut out, "metaraft_forward_batch_size", "", &BATCH_BUCKETS);
         let _ = writeln!(out, "# HELP metaraft_rpc_seconds Client RPC latency by method and result.\n# TYPE metaraft_rpc_seconds histogram");
         let m = match self.rpc_latency.lock() {
             Ok(g) => g,
@@ -227,7 +237,10 @@ mod tests {
         let m = Metrics::default();
         m.observe_fsync(Duration::from_micros(300), 3);
         m.observe_rpc("Put", "ok", Duration::from_millis(2));
+        m.observe_forward_batch(20);
         let s = m.render();
+        assert!(s.contains("metaraft_forward_batch_size_bucket{le=\"16\"} 0"));
+        assert!(s.contains("metaraft_forward_batch_size_bucket{le=\"32\"} 1"));
         assert!(s.contains("metaraft_log_fsync_seconds_count 1"));
         assert!(s.contains("metaraft_log_fsync_batch_size_bucket{le=\"4\"} 1"));
         assert!(s.contains("metaraft_rpc_seconds_count{rpc=\"Put\",code=\"ok\"} 1"));

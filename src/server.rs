@@ -102,7 +102,7 @@ impl Server {
             raft: raft.clone(),
             sm,
             pool,
-            metrics,
+            metrics: metrics.clone(),
             config: config.clone(),
             dr_replica: config.dr_replica && !config.data_dir.join(PROMOTED_MARKER).exists(),
             promote_requested: tokio::sync::watch::channel(false).0,
@@ -110,7 +110,9 @@ impl Server {
             leader_reads: Default::default(),
             reads: Default::default(),
             lease_reads: Default::default(),
-            forwarder: Default::default(),
+            forwarder: Arc::new(crate::consensus::batch::ForwardBatcher::new(
+                metrics.clone(),
+            )),
         });
 
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 use super::{ConsensusError, Forwarded};
 use crate::fsm::{Request, Response};
+use crate::metrics::Metrics;
 use crate::net::{NetError, PeerPool};
 
 type Waiter = oneshot::Sender<Result<u64, ConsensusError>>;
@@ -84,9 +85,9 @@ const MAX_FORWARD_SENDERS: usize = 8;
 type ForwardResult = Result<Forwarded<Response>, NetError>;
 type ForwardWaiter = oneshot::Sender<ForwardResult>;
 
-#[derive(Default)]
 pub struct ForwardBatcher {
     state: Mutex<ForwardState>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -97,6 +98,13 @@ struct ForwardState {
 }
 
 impl ForwardBatcher {
+    pub fn new(metrics: Arc<Metrics>) -> ForwardBatcher {
+        ForwardBatcher {
+            state: Mutex::default(),
+            metrics,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ForwardState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -156,6 +164,7 @@ impl ForwardBatcher {
                 by_addr.entry(addr).or_default().push((req, w));
             }
             for (addr, items) in by_addr {
+                self.metrics.observe_forward_batch(items.len());
                 send_batch(&pool, &addr, items, timeout).await;
             }
         }

@@ -658,7 +658,10 @@ mod tests {
         });
         let addr = serve(leader.clone()).await;
         let pool = Arc::new(PeerPool::default());
-        let b = Arc::new(crate::consensus::batch::ForwardBatcher::default());
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let b = Arc::new(crate::consensus::batch::ForwardBatcher::new(
+            metrics.clone(),
+        ));
         let mut tasks = Vec::new();
         for n in 1..=200u64 {
             let (b, pool, addr) = (b.clone(), pool.clone(), addr.clone());
@@ -674,6 +677,11 @@ mod tests {
         assert!(
             calls < 200,
             "200 writes took {calls} calls: nothing was batched"
+        );
+        let text = metrics.render();
+        assert!(
+            text.contains(&format!("metaraft_forward_batch_size_count {calls}")),
+            "every batch is counted: {text}"
         );
     }
 
