@@ -277,6 +277,36 @@ pub enum FsmError {
 /// Raw (key, value) pairs of a scan.
 pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Pending writes over a state (`None`: deleted), read through by apply before they are written.
+pub type Overlay = std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Keys in `[start, end)` of `overlay` laid over the state below it, ascending, at most `limit`.
+/// `below(n)` scans that state for up to `n` keys of the same range: `limit` plus as many as the
+/// overlay could delete.
+pub fn scan_with_overlay(
+    overlay: &Overlay,
+    start: &[u8],
+    end: &[u8],
+    limit: usize,
+    below: impl FnOnce(usize) -> Result<KvPairs, FsmError>,
+) -> Result<KvPairs, FsmError> {
+    if start >= end {
+        return Ok(Vec::new());
+    }
+    let local: Vec<_> = overlay.range(start.to_vec()..end.to_vec()).collect();
+    let mut merged: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
+        below(limit.saturating_add(local.len()))?
+            .into_iter()
+            .collect();
+    for (k, v) in local {
+        match v {
+            Some(v) => merged.insert(k.clone(), v.clone()),
+            None => merged.remove(k),
+        };
+    }
+    Ok(merged.into_iter().take(limit).collect())
+}
+
 /// Read access to the current state, as of the last applied entry.
 pub trait StateRead {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError>;

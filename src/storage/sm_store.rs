@@ -184,12 +184,7 @@ impl StateMachineStore {
             .map_err(StorageError::rocks("get cluster id"))?
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
-        let empty = BTreeMap::new();
-        let rbac = RbacIndex::load(&DbState {
-            db: &db,
-            overlay: &empty,
-            recent: None,
-        })?;
+        let rbac = load_rbac(&db)?;
         let store = StateMachineStore {
             shared: Arc::new(Shared {
                 data_dir: data_dir.to_path_buf(),
@@ -749,12 +744,7 @@ impl StateMachineStore {
                 ),
             });
         }
-        let empty = BTreeMap::new();
-        let rbac = RbacIndex::load(&DbState {
-            db: &db,
-            overlay: &empty,
-            recent: None,
-        })?;
+        let rbac = load_rbac(&db)?;
         let old_gen = self.shared.generation.swap(gen, Ordering::SeqCst);
         {
             let mut g = match self.shared.db.write() {
@@ -804,19 +794,19 @@ impl StateRead for DbState<'_> {
         end: &[u8],
         limit: usize,
     ) -> Result<crate::fsm::KvPairs, FsmError> {
-        let local: Vec<_> = self.overlay.range(start.to_vec()..end.to_vec()).collect();
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
-            scan_db(self.db, None, start, end, limit.saturating_add(local.len()))?
-                .into_iter()
-                .collect();
-        for (k, v) in local {
-            match v {
-                Some(v) => merged.insert(k.clone(), v.clone()),
-                None => merged.remove(k),
-            };
-        }
-        Ok(merged.into_iter().take(limit).collect())
+        fsm::scan_with_overlay(self.overlay, start, end, limit, |n| {
+            scan_db(self.db, None, start, end, n)
+        })
     }
+}
+
+/// The permission index as the database `db` holds it (at open and after a snapshot install).
+fn load_rbac(db: &DB) -> Result<RbacIndex, StorageError> {
+    Ok(RbacIndex::load(&DbState {
+        db,
+        overlay: &BTreeMap::new(),
+        recent: None,
+    })?)
 }
 
 /// A consistent read view: one RocksDB snapshot, with the applied index it holds.

@@ -70,20 +70,9 @@ impl<'a> Tx<'a> {
         end: &[u8],
         limit: usize,
     ) -> Result<crate::fsm::KvPairs, FsmError> {
-        let local: Vec<(&Vec<u8>, &Option<Vec<u8>>)> =
-            self.overlay.range(start.to_vec()..end.to_vec()).collect();
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self
-            .state
-            .scan(start, end, limit.saturating_add(local.len()))?
-            .into_iter()
-            .collect();
-        for (k, v) in local {
-            match v {
-                Some(v) => merged.insert(k.clone(), v.clone()),
-                None => merged.remove(k),
-            };
-        }
-        Ok(merged.into_iter().take(limit).collect())
+        crate::fsm::scan_with_overlay(&self.overlay, start, end, limit, |n| {
+            self.state.scan(start, end, n)
+        })
     }
 
     pub fn into_mutations(self) -> Vec<Mutation> {
