@@ -57,11 +57,14 @@ impl std::fmt::Display for Request {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Put {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         expected_revision: Option<u64>,
     },
     Delete {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         expected_revision: Option<u64>,
     },
@@ -72,7 +75,12 @@ pub enum Command {
     },
     /// A metadata-domain op (`meta::MetaOp`, bincode-encoded in `op` so a node can refuse a
     /// newer `format` before decoding it). `at_ms` is the leader's clock when it proposed.
-    Meta { format: u8, at_ms: u64, op: Vec<u8> },
+    Meta {
+        format: u8,
+        at_ms: u64,
+        #[serde(with = "serde_bytes")]
+        op: Vec<u8>,
+    },
 }
 
 impl Command {
@@ -97,15 +105,32 @@ impl Command {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compare {
     /// The key's mod_revision equals this (0 = absent).
-    Revision { key: Vec<u8>, revision: u64 },
+    Revision {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        revision: u64,
+    },
     /// The key exists with this value.
-    Value { key: Vec<u8>, value: Vec<u8> },
+    Value {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
 }
 
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
 }
 
 /// Shows a byte string as its length only.
@@ -244,6 +269,7 @@ impl Response {
 /// A stored value with its revisions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ValueRecord {
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub create_revision: u64,
     pub mod_revision: u64,

@@ -302,3 +302,116 @@ proptest! {
         }
     }
 }
+
+/// The byte-string fields are encoded with `serde_bytes`; these mirrors are the same types as
+/// they were before (plain `Vec<u8>`, a per-byte serde sequence). Logs, snapshots, backups and
+/// peers of earlier versions hold that encoding, so both must produce and accept the same bytes.
+mod legacy {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Request {
+        pub format_version: u8,
+        pub request_id: String,
+        pub command: Command,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub enum Command {
+        Put {
+            key: Vec<u8>,
+            value: Vec<u8>,
+            expected_revision: Option<u64>,
+        },
+        Delete {
+            key: Vec<u8>,
+            expected_revision: Option<u64>,
+        },
+        Txn {
+            compares: Vec<Compare>,
+            success: Vec<Op>,
+            failure: Vec<Op>,
+        },
+        Meta {
+            format: u8,
+            at_ms: u64,
+            op: Vec<u8>,
+        },
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub enum Compare {
+        Revision { key: Vec<u8>, revision: u64 },
+        Value { key: Vec<u8>, value: Vec<u8> },
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub enum Op {
+        Put { key: Vec<u8>, value: Vec<u8> },
+        Delete { key: Vec<u8> },
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct ValueRecord {
+        pub value: Vec<u8>,
+        pub create_revision: u64,
+        pub mod_revision: u64,
+        pub version: u64,
+    }
+}
+
+fn bytes() -> impl Strategy<Value = Vec<u8>> {
+    // Lengths across the varint boundaries (250, 2^16).
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..300),
+        prop::collection::vec(any::<u8>(), 65_530..65_540),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn byte_string_encoding_is_unchanged(
+        k in bytes(), v in bytes(), op in bytes(), id in "[a-z0-9-]{0,40}",
+        rev in any::<u64>(), exp in any::<Option<u64>>(), at in any::<u64>(),
+    ) {
+        use crate::raft_types::{decode, encode};
+        let pairs: Vec<(Request, legacy::Request)> = vec![
+            (
+                Request::new(id.clone(), Command::Put { key: k.clone(), value: v.clone(), expected_revision: exp }),
+                legacy::Request { format_version: 1, request_id: id.clone(), command: legacy::Command::Put { key: k.clone(), value: v.clone(), expected_revision: exp } },
+            ),
+            (
+                Request::new(id.clone(), Command::Delete { key: k.clone(), expected_revision: exp }),
+                legacy::Request { format_version: 1, request_id: id.clone(), command: legacy::Command::Delete { key: k.clone(), expected_revision: exp } },
+            ),
+            (
+                Request::new(id.clone(), Command::Txn {
+                    compares: vec![Compare::Revision { key: k.clone(), revision: rev }, Compare::Value { key: v.clone(), value: k.clone() }],
+                    success: vec![Op::Put { key: k.clone(), value: v.clone() }],
+                    failure: vec![Op::Delete { key: v.clone() }],
+                }),
+                legacy::Request { format_version: 1, request_id: id.clone(), command: legacy::Command::Txn {
+                    compares: vec![legacy::Compare::Revision { key: k.clone(), revision: rev }, legacy::Compare::Value { key: v.clone(), value: k.clone() }],
+                    success: vec![legacy::Op::Put { key: k.clone(), value: v.clone() }],
+                    failure: vec![legacy::Op::Delete { key: v.clone() }],
+                } },
+            ),
+            (
+                Request::new(id.clone(), Command::Meta { format: 1, at_ms: at, op: op.clone() }),
+                legacy::Request { format_version: 2, request_id: id.clone(), command: legacy::Command::Meta { format: 1, at_ms: at, op: op.clone() } },
+            ),
+        ];
+        for (new, old) in pairs {
+            let old_bytes = encode(&old).unwrap();
+            prop_assert_eq!(&encode(&new).unwrap(), &old_bytes);
+            prop_assert_eq!(decode::<Request>(&old_bytes).unwrap(), new);
+        }
+        let rec = ValueRecord { value: v.clone(), create_revision: rev, mod_revision: at, version: 7 };
+        let old = legacy::ValueRecord { value: v.clone(), create_revision: rev, mod_revision: at, version: 7 };
+        let old_bytes = encode(&old).unwrap();
+        prop_assert_eq!(&encode(&rec).unwrap(), &old_bytes);
+        prop_assert_eq!(decode::<ValueRecord>(&old_bytes).unwrap(), rec);
+    }
+}
