@@ -4,17 +4,21 @@
 #
 #   benches/compare-etcd.sh [seconds-per-run]     (default 10)
 #
-# Installs Debian's etcd-server when missing. Data lives in a temporary directory on the same disk
+# Installs Debian's etcd-server and etcd-client when missing. Data lives in a temporary directory on the same disk
 # for both systems and is removed at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 DUR="${1:-10}"
-command -v etcd >/dev/null 2>&1 || {
-    echo "installing etcd-server" >&2
+# etcd-server has the daemon only; etcdctl (the health check below) is in etcd-client.
+etcd_pkgs=()
+command -v etcd >/dev/null 2>&1 || etcd_pkgs+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || etcd_pkgs+=(etcd-client)
+if [ ${#etcd_pkgs[@]} -gt 0 ]; then
+    echo "installing ${etcd_pkgs[*]}" >&2
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
-}
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${etcd_pkgs[@]}" >/dev/null
+fi
 cargo build --release --bin metaraft >&2
 M="$CARGO_TARGET_DIR/release/metaraft"
 WORK="$(mktemp -d /var/tmp/metaraft-vs-etcd.XXXXXX)"
