@@ -8,7 +8,8 @@
 //! server.rs          wiring of one node: stores, Raft, listeners, graceful shutdown
 //! api/               public gRPC services (Kv, Cluster, Backup; Metadata, Identity, Rbac in
 //!                    api/meta.rs); errors -> gRPC status in api/status.rs
-//! consensus/         openraft handle, write forwarding, read paths (read-index, session, stale), membership
+//! consensus/         openraft handle, write forwarding and proposal batching, read paths
+//!                    (read-index, session, stale), membership
 //! net/               peer transport: Raft RPCs and snapshot streaming over gRPC (tonic)
 //! fsm/               deterministic state machine: apply(state, index, command) -> (mutations, response)
 //! fsm/meta/          the metadata domain: records, apply rules, secondary indexes, queries, RBAC index

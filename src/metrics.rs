@@ -77,6 +77,7 @@ pub struct Metrics {
     fsync_latency: Histogram,
     fsync_batch: Histogram,
     forward_batch: Histogram,
+    propose_batch: Histogram,
     rpc_latency: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
 }
 
@@ -97,6 +98,7 @@ impl Default for Metrics {
             fsync_latency: Histogram::new(LATENCY_BUCKETS.len()),
             fsync_batch: Histogram::new(BATCH_BUCKETS.len()),
             forward_batch: Histogram::new(BATCH_BUCKETS.len()),
+            propose_batch: Histogram::new(BATCH_BUCKETS.len()),
             rpc_latency: Mutex::new(BTreeMap::new()),
         }
     }
@@ -112,6 +114,11 @@ impl Metrics {
     /// Records one ForwardBatch call this node sent to the leader, of `writes` writes.
     pub fn observe_forward_batch(&self, writes: usize) {
         self.forward_batch.observe(&BATCH_BUCKETS, writes as f64);
+    }
+
+    /// Records one proposal this node made to its Raft core, of `writes` writes.
+    pub fn observe_propose_batch(&self, writes: usize) {
+        self.propose_batch.observe(&BATCH_BUCKETS, writes as f64);
     }
 
     /// Records one client RPC: `code` is "ok" or the gRPC code name.
@@ -204,6 +211,9 @@ impl Metrics {
         let _ = writeln!(out, "# HELP metaraft_forward_batch_size Writes per batch this node forwarded to the leader.\n# TYPE metaraft_forward_batch_size histogram");
         self.forward_batch
             .render(&mut out, "metaraft_forward_batch_size", "", &BATCH_BUCKETS);
+        let _ = writeln!(out, "# HELP metaraft_propose_batch_size Writes per proposal this node (as leader) handed to the Raft core.\n# TYPE metaraft_propose_batch_size histogram");
+        self.propose_batch
+            .render(&mut out, "metaraft_propose_batch_size", "", &BATCH_BUCKETS);
         let _ = writeln!(out, "# HELP metaraft_rpc_seconds Client RPC latency by method and result.\n# TYPE metaraft_rpc_seconds histogram");
         let m = match self.rpc_latency.lock() {
             Ok(g) => g,
@@ -238,7 +248,10 @@ mod tests {
         m.observe_fsync(Duration::from_micros(300), 3);
         m.observe_rpc("Put", "ok", Duration::from_millis(2));
         m.observe_forward_batch(20);
+        m.observe_propose_batch(3);
         let s = m.render();
+        assert!(s.contains("metaraft_propose_batch_size_bucket{le=\"2\"} 0"));
+        assert!(s.contains("metaraft_propose_batch_size_bucket{le=\"4\"} 1"));
         assert!(s.contains("metaraft_forward_batch_size_bucket{le=\"16\"} 0"));
         assert!(s.contains("metaraft_forward_batch_size_bucket{le=\"32\"} 1"));
         assert!(s.contains("metaraft_log_fsync_seconds_count 1"));

@@ -106,7 +106,11 @@ impl Server {
             config: config.clone(),
             dr_replica: config.dr_replica && !config.data_dir.join(PROMOTED_MARKER).exists(),
             promote_requested: tokio::sync::watch::channel(false).0,
-            meta_clock: std::sync::atomic::AtomicU64::new(0),
+            proposer: Arc::new(crate::consensus::batch::Proposer::new(
+                raft.clone(),
+                metrics.clone(),
+                std::time::Duration::from_millis(config.limits.write_timeout_ms),
+            )),
             leader_reads: Default::default(),
             reads: Default::default(),
             lease_reads: Default::default(),

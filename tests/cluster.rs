@@ -785,3 +785,83 @@ async fn t10_lease_reads_on_every_node_see_acknowledged_writes() {
         assert!(r.applied_index >= rev);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t11_concurrent_writes_on_the_leader_are_proposed_in_batches_and_each_answered() {
+    let _g = serial();
+    let c = TestCluster::start(3, &[]);
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    tracing::info!("--- 300 writes at once on the leader, one request id sent twice");
+    let kv = c.client_at(leader).kv_at(0);
+    let mut tasks = Vec::new();
+    for i in 0..300u32 {
+        let mut kv = kv.clone();
+        // Writes 0 and 1 carry the same request id: whichever is proposed second, even in the
+        // same batch, must get the first one's answer and write nothing.
+        let request_id = if i < 2 {
+            "dup-in-burst".into()
+        } else {
+            format!("burst-{i}")
+        };
+        tasks.push(tokio::spawn(async move {
+            kv.put(pb::PutRequest {
+                key: format!("burst/{i:03}").into_bytes(),
+                value: format!("v{i}").into_bytes(),
+                expected_revision: None,
+                request_id,
+            })
+            .await
+            .expect("put")
+            .into_inner()
+            .revision
+        }));
+    }
+    let mut revs = Vec::new();
+    for t in tasks {
+        revs.push(t.await.expect("task"));
+    }
+    assert_eq!(
+        revs[0], revs[1],
+        "a retried id answers with the first revision"
+    );
+    let mut distinct = revs[1..].to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        299,
+        "every other write has its own revision"
+    );
+    // Exactly one of the two duplicate writes landed.
+    let v0 = get_value(&c.client(), "burst/000").await;
+    let v1 = get_value(&c.client(), "burst/001").await;
+    assert!(
+        v0.is_some() != v1.is_some(),
+        "one of the duplicate writes applied: {v0:?} {v1:?}"
+    );
+    for i in 2..300u32 {
+        assert_eq!(
+            get_value(&c.client(), &format!("burst/{i:03}")).await,
+            Some(format!("v{i}").into_bytes()),
+            "write {i}"
+        );
+    }
+    tracing::info!("--- the leader proposed them in fewer calls than writes");
+    let body = http_get(&c.nodes[leader].ops, "/metrics").await;
+    let metric = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {body}"))
+    };
+    let (sum, count) = (
+        metric("metaraft_propose_batch_size_sum "),
+        metric("metaraft_propose_batch_size_count "),
+    );
+    assert!(sum >= 300.0, "every write went through the proposer: {sum}");
+    assert!(
+        count < sum,
+        "some proposals carried several writes: {count} for {sum}"
+    );
+    let converged = c.wait_converged(Duration::from_secs(20)).await;
+    assert!(converged >= *distinct.last().expect("revisions"));
+}

@@ -7,6 +7,11 @@
 //! - [`ForwardBatcher`]: writes a follower forwards travel to the leader several per RPC and are
 //!   proposed there in one call, so the leader's per-request gRPC and Raft-core costs are paid
 //!   per batch. Each write still gets its own result; nothing is merged.
+//! - [`Proposer`]: on the leader, every write (its own clients' and every forwarded batch) is
+//!   handed to the Raft core by one driver task, which takes whatever queued while it handed over
+//!   the previous batch. openraft runs its storage and replication commands after each message
+//!   it receives, so one message of many writes means one log append, one flusher hand-off and
+//!   one replication wake-up for all of them instead of one each.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -19,6 +24,7 @@ use super::{ConsensusError, Forwarded};
 use crate::fsm::{Request, Response};
 use crate::metrics::Metrics;
 use crate::net::{NetError, PeerPool};
+use crate::raft_types::Raft;
 
 type Waiter = oneshot::Sender<Result<u64, ConsensusError>>;
 
@@ -181,6 +187,165 @@ async fn send_batch(
     let results = pool.forward_batch(addr, timeout, &reqs).await;
     for (w, r) in waiters.into_iter().zip(results) {
         let _ = w.send(r);
+    }
+}
+
+/// Most writes one proposal carries: bounds the core's work per message.
+pub const MAX_PROPOSE_BATCH: usize = 1024;
+
+type ProposeWaiter = oneshot::Sender<Forwarded<Response>>;
+
+/// Hands this node's writes to its Raft core in batches (see the module docs). Writes keep the
+/// order they were queued in, and meta commands are stamped with the leader's clock in that
+/// order, so stamps never decrease along the log.
+pub struct Proposer {
+    raft: Raft,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+    state: Mutex<ProposeState>,
+    /// The last time stamped on a meta command by this node as leader.
+    clock: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct ProposeState {
+    queue: Vec<(Request, ProposeWaiter)>,
+    running: bool,
+}
+
+impl Proposer {
+    pub fn new(raft: Raft, metrics: Arc<Metrics>, timeout: Duration) -> Proposer {
+        Proposer {
+            raft,
+            metrics,
+            timeout,
+            state: Mutex::default(),
+            clock: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProposeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Proposes `reqs` on this node; one result per write, in order. A write whose result does
+    /// not arrive within the write timeout is `Failed` (its outcome is unknown, as for any write
+    /// that times out); `NotLeader` when this node does not lead.
+    pub async fn propose(self: &Arc<Self>, reqs: Vec<Request>) -> Vec<Forwarded<Response>> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut rxs = Vec::with_capacity(reqs.len());
+        let drive = {
+            let mut st = self.lock();
+            for r in reqs {
+                let (tx, rx) = oneshot::channel();
+                st.queue.push((r, tx));
+                rxs.push(rx);
+            }
+            !std::mem::replace(&mut st.running, true)
+        };
+        if drive {
+            // A task of its own, so a caller that gives up never strands the queue.
+            let me = self.clone();
+            tokio::spawn(async move { me.drive().await });
+        }
+        let mut out = Vec::with_capacity(rxs.len());
+        for rx in rxs {
+            out.push(match tokio::time::timeout_at(deadline, rx).await {
+                Err(_) => Forwarded::Failed("commit timed out".into()),
+                Ok(Err(_)) => Forwarded::Failed("the proposal was dropped".into()),
+                Ok(Ok(r)) => r,
+            });
+        }
+        out
+    }
+
+    /// Stamps a meta command with the leader's clock, never read during apply; non-decreasing
+    /// on this leader.
+    fn stamp(&self, mut req: Request) -> Request {
+        if let crate::fsm::Command::Meta { at_ms, .. } = &mut req.command {
+            let now = crate::metrics::now_unix_ms();
+            let prev = self
+                .clock
+                .fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+            *at_ms = now.max(prev);
+        }
+        req
+    }
+
+    async fn drive(&self) {
+        loop {
+            let taken: Vec<(Request, ProposeWaiter)> = {
+                let mut st = self.lock();
+                if st.queue.is_empty() {
+                    st.running = false;
+                    return;
+                }
+                let n = st.queue.len().min(MAX_PROPOSE_BATCH);
+                st.queue.drain(..n).collect()
+            };
+            self.metrics.observe_propose_batch(taken.len());
+            let (reqs, waiters): (Vec<Request>, Vec<ProposeWaiter>) =
+                taken.into_iter().map(|(r, w)| (self.stamp(r), w)).unzip();
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            match self.raft.client_write_many(reqs).await {
+                Err(fatal) => {
+                    for w in waiters {
+                        let _ = w.send(Forwarded::Failed(fatal.to_string()));
+                    }
+                }
+                Ok(results) => {
+                    tokio::spawn(answer(results, waiters, deadline));
+                }
+            }
+            // Let the tasks that are about to queue writes run before the next batch is taken.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Sends each write's result to its waiter as the core reports it, until the deadline.
+async fn answer(
+    mut results: futures::stream::BoxStream<
+        'static,
+        Result<
+            openraft::raft::WriteResult<crate::raft_types::TypeConfig>,
+            openraft::errors::Fatal<crate::raft_types::TypeConfig>,
+        >,
+    >,
+    waiters: Vec<ProposeWaiter>,
+    deadline: tokio::time::Instant,
+) {
+    use futures::StreamExt;
+    let mut waiters = waiters.into_iter();
+    let mut failure = "commit timed out".to_string();
+    for w in waiters.by_ref() {
+        let r = match tokio::time::timeout_at(deadline, results.next()).await {
+            Err(_) => {
+                let _ = w.send(Forwarded::Failed(failure.clone()));
+                break;
+            }
+            Ok(None) => {
+                failure = "raft stopped".into();
+                let _ = w.send(Forwarded::Failed(failure.clone()));
+                break;
+            }
+            Ok(Some(Err(fatal))) => {
+                failure = fatal.to_string();
+                let _ = w.send(Forwarded::Failed(failure.clone()));
+                break;
+            }
+            Ok(Some(Ok(Ok(w)))) => Forwarded::Ok(w.response),
+            Ok(Some(Ok(Err(openraft::errors::ClientWriteError::ForwardToLeader(f))))) => {
+                Forwarded::NotLeader {
+                    leader: f.leader_id,
+                }
+            }
+            Ok(Some(Ok(Err(e)))) => Forwarded::Failed(e.to_string()),
+        };
+        let _ = w.send(r);
+    }
+    for w in waiters {
+        let _ = w.send(Forwarded::Failed(failure.clone()));
     }
 }
 

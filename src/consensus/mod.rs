@@ -107,8 +107,8 @@ pub struct Consensus {
     pub lease_reads: Arc<batch::ReadBatcher>,
     /// Batches the writes this node forwards to the leader.
     pub forwarder: Arc<batch::ForwardBatcher>,
-    /// The last time stamped on a meta command by this node as leader (keeps stamps monotonic).
-    pub meta_clock: std::sync::atomic::AtomicU64,
+    /// Hands this node's writes (as leader) to the Raft core in batches; stamps meta commands.
+    pub proposer: Arc<batch::Proposer>,
 }
 
 pub fn role_name(s: ServerState) -> &'static str {
@@ -174,74 +174,19 @@ impl Consensus {
         }
     }
 
-    /// Stamps a meta command with the leader's clock, never read during apply; non-decreasing
-    /// on this leader.
-    fn stamp(&self, mut req: Request) -> Request {
-        if let crate::fsm::Command::Meta { at_ms, .. } = &mut req.command {
-            let now = crate::metrics::now_unix_ms();
-            let prev = self
-                .meta_clock
-                .fetch_max(now, std::sync::atomic::Ordering::SeqCst);
-            *at_ms = now.max(prev);
-        }
-        req
-    }
-
-    /// Proposes several writes on this node in one call to the Raft core; one result per write,
-    /// in order. Results that arrive before the write timeout are kept; the rest are `Failed`
-    /// (their outcome is unknown, as for a single write that times out).
+    /// Proposes several writes on this node in one call to the Raft core (batched with
+    /// whatever else is being proposed here); one result per write, in order.
     pub async fn write_local_many(&self, reqs: Vec<Request>) -> Vec<Forwarded<Response>> {
-        use futures::StreamExt;
-        let n = reqs.len();
-        let deadline = tokio::time::Instant::now() + self.write_timeout();
-        let reqs: Vec<Request> = reqs.into_iter().map(|r| self.stamp(r)).collect();
-        let mut out = Vec::with_capacity(n);
-        let mut failure = "commit timed out".to_string();
-        match tokio::time::timeout_at(deadline, self.raft.client_write_many(reqs)).await {
-            Err(_) => {}
-            Ok(Err(fatal)) => failure = fatal.to_string(),
-            Ok(Ok(mut results)) => {
-                while out.len() < n {
-                    match tokio::time::timeout_at(deadline, results.next()).await {
-                        Err(_) => break,
-                        Ok(None) => {
-                            failure = "raft stopped".into();
-                            break;
-                        }
-                        Ok(Some(Err(fatal))) => {
-                            failure = fatal.to_string();
-                            break;
-                        }
-                        Ok(Some(Ok(Ok(w)))) => out.push(Forwarded::Ok(w.response)),
-                        Ok(Some(Ok(Err(openraft::errors::ClientWriteError::ForwardToLeader(
-                            f,
-                        ))))) => out.push(Forwarded::NotLeader {
-                            leader: f.leader_id,
-                        }),
-                        Ok(Some(Ok(Err(e)))) => out.push(Forwarded::Failed(e.to_string())),
-                    }
-                }
-            }
-        }
-        while out.len() < n {
-            out.push(Forwarded::Failed(failure.clone()));
-        }
-        out
+        self.proposer.propose(reqs).await
     }
 
     /// Proposes on this node only; `NotLeader` when it does not lead.
     pub async fn write_local(&self, req: Request) -> Forwarded<Response> {
-        let req = self.stamp(req);
-        match tokio::time::timeout(self.write_timeout(), self.raft.client_write(req)).await {
-            Err(_) => Forwarded::Failed("commit timed out".into()),
-            Ok(Ok(r)) => Forwarded::Ok(r.data),
-            Ok(Err(e)) => match e.forward_to_leader() {
-                Some(f) => Forwarded::NotLeader {
-                    leader: f.leader_id,
-                },
-                None => Forwarded::Failed(e.to_string()),
-            },
-        }
+        self.proposer
+            .propose(vec![req])
+            .await
+            .pop()
+            .unwrap_or_else(|| Forwarded::Failed("no result for the proposal".into()))
     }
 
     /// Commits a write through the leader, wherever it is.
