@@ -319,30 +319,29 @@ async fn answer(
     let mut waiters = waiters.into_iter();
     let mut failure = "commit timed out".to_string();
     for w in waiters.by_ref() {
+        // Err: the stream can say nothing more; this write and every later one fail with it.
         let r = match tokio::time::timeout_at(deadline, results.next()).await {
-            Err(_) => {
-                let _ = w.send(Forwarded::Failed(failure.clone()));
-                break;
-            }
-            Ok(None) => {
-                failure = "raft stopped".into();
-                let _ = w.send(Forwarded::Failed(failure.clone()));
-                break;
-            }
-            Ok(Some(Err(fatal))) => {
-                failure = fatal.to_string();
-                let _ = w.send(Forwarded::Failed(failure.clone()));
-                break;
-            }
-            Ok(Some(Ok(Ok(w)))) => Forwarded::Ok(w.response),
+            Err(_) => Err(failure.clone()),
+            Ok(None) => Err("raft stopped".to_string()),
+            Ok(Some(Err(fatal))) => Err(fatal.to_string()),
+            Ok(Some(Ok(Ok(w)))) => Ok(Forwarded::Ok(w.response)),
             Ok(Some(Ok(Err(openraft::errors::ClientWriteError::ForwardToLeader(f))))) => {
-                Forwarded::NotLeader {
+                Ok(Forwarded::NotLeader {
                     leader: f.leader_id,
-                }
+                })
             }
-            Ok(Some(Ok(Err(e)))) => Forwarded::Failed(e.to_string()),
+            Ok(Some(Ok(Err(e)))) => Ok(Forwarded::Failed(e.to_string())),
         };
-        let _ = w.send(r);
+        match r {
+            Ok(r) => {
+                let _ = w.send(r);
+            }
+            Err(why) => {
+                failure = why;
+                let _ = w.send(Forwarded::Failed(failure.clone()));
+                break;
+            }
+        }
     }
     for w in waiters {
         let _ = w.send(Forwarded::Failed(failure.clone()));
