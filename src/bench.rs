@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// What to drive: metaraft, or an etcd v3 cluster at --endpoints (same load shape).
     #[arg(long, value_enum, default_value = "metaraft")]
     pub target: Target,
+    /// Async threads of the load generator; 0: chosen as a node's `runtime_threads` = 0 is
+    /// (1 on at most 2 CPUs, else one per CPU). The same for both targets.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     /// kv (Put/Get), or a metadata workload: ci-burst, dashboard, steady, registry, admin
     /// (see docs/benchmarks.md).
     #[arg(long, value_enum, default_value = "kv")]

@@ -121,6 +121,9 @@ pub struct ServeArgs {
     /// `metaraft dr promote`.
     #[arg(long)]
     pub dr_replica: bool,
+    /// Async runtime threads (config key runtime_threads; 0: automatic).
+    #[arg(long)]
+    pub runtime_threads: Option<usize>,
     /// Override raft.snapshot_logs_since_last.
     #[arg(long)]
     pub snapshot_logs_since_last: Option<u64>,
@@ -254,13 +257,35 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// A runtime of `threads` async threads; 1 is tokio's single-threaded scheduler.
+pub fn runtime_with(threads: usize) -> Result<tokio::runtime::Runtime> {
+    let mut b = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    Ok(b.enable_all().build()?)
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a),
         Cmd::Dev(a) => dev(a),
         Cmd::Kv { conn, op } => runtime()?.block_on(kv(conn, op)),
         Cmd::Cluster { conn, op } => runtime()?.block_on(cluster(conn, op)),
-        Cmd::Bench(a) => runtime()?.block_on(crate::bench::run(a)),
+        Cmd::Bench(a) => {
+            if a.threads > metaraft::config::MAX_RUNTIME_THREADS {
+                anyhow::bail!(
+                    "--threads must be at most {}",
+                    metaraft::config::MAX_RUNTIME_THREADS
+                );
+            }
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads = metaraft::config::resolve_runtime_threads(a.threads, cpus);
+            runtime_with(threads)?.block_on(crate::bench::run(a))
+        }
         Cmd::Backup { op } => crate::backup_cmd::run(op),
         Cmd::Restore(a) => crate::backup_cmd::restore(a),
         Cmd::Dr { conn, op } => runtime()?.block_on(dr(conn, op)),
@@ -303,6 +328,9 @@ pub fn build_config(a: &ServeArgs) -> Result<Config> {
     if let Some(v) = &a.initial_members {
         c.initial_members = Config::parse_members(v)?;
     }
+    if let Some(v) = a.runtime_threads {
+        c.runtime_threads = v;
+    }
     if let Some(v) = a.snapshot_logs_since_last {
         c.raft.snapshot_logs_since_last = v;
     }
@@ -330,7 +358,9 @@ async fn wait_for_signal() {
 fn serve(a: ServeArgs) -> Result<ExitCode> {
     let c = build_config(&a)?;
     init_tracing(&a.log)?;
-    runtime()?.block_on(async move {
+    let threads = c.effective_runtime_threads();
+    tracing::info!(runtime_threads = threads, "starting node {}", c.node_id);
+    runtime_with(threads)?.block_on(async move {
         let signal = wait_for_signal();
         tokio::pin!(signal);
         loop {
