@@ -2,7 +2,12 @@
 # Runs 3-node metaraft and 3-node etcd on loopback (fsync on for both), one after the other with
 # the same load from `metaraft bench`, and prints the ratios.
 #
-#   benches/compare-etcd.sh [seconds-per-run]     (default 10)
+#   benches/compare-etcd.sh [seconds-per-run] [rounds]     (defaults 10 and 1)
+#
+# With several rounds the two systems alternate (metaraft, etcd, metaraft, etcd, ...) on fresh
+# data each time, and the summary gives each round's ratios and their median: on a shared VM the
+# disk's and CPU's speed drift by tens of percent within minutes, and alternating exposes both
+# systems to the same drift.
 #
 # Installs Debian's etcd-server and etcd-client when missing. Data lives in a temporary directory on the same disk
 # for both systems and is removed at exit.
@@ -10,6 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 DUR="${1:-10}"
+ROUNDS="${2:-1}"
+case "$DUR$ROUNDS" in *[!0-9]*|"") echo "usage: $0 [seconds-per-run] [rounds] (whole numbers)" >&2; exit 2;; esac
+[ "$DUR" -gt 0 ] && [ "$ROUNDS" -gt 0 ] || { echo "seconds and rounds must be > 0" >&2; exit 2; }
+ROUND=1
 # etcd-server has the daemon only; etcdctl (the health check below) is in etcd-client.
 etcd_pkgs=()
 command -v etcd >/dev/null 2>&1 || etcd_pkgs+=(etcd-server)
@@ -33,7 +42,7 @@ start_metaraft() {
     local members="1=127.0.0.1:17101,2=127.0.0.1:17102,3=127.0.0.1:17103"
     for i in 1 2 3; do
         "$M" serve --node-id $i --client-addr 127.0.0.1:1700$i --peer-addr 127.0.0.1:1710$i \
-            --ops-addr 127.0.0.1:1720$i --data-dir "$WORK/mr$i" --initial-members "$members" \
+            --ops-addr 127.0.0.1:1720$i --data-dir "$WORK/r$ROUND/mr$i" --initial-members "$members" \
             --log warn 2>"$WORK/mr$i.log" &
         PIDS+=($!)
     done
@@ -47,7 +56,7 @@ start_metaraft() {
 start_etcd() {
     local cluster="e1=http://127.0.0.1:12380,e2=http://127.0.0.1:22380,e3=http://127.0.0.1:32380"
     for i in 1 2 3; do
-        etcd --name e$i --data-dir "$WORK/etcd$i" \
+        etcd --name e$i --data-dir "$WORK/r$ROUND/etcd$i" \
             --listen-client-urls http://127.0.0.1:${i}2379 --advertise-client-urls http://127.0.0.1:${i}2379 \
             --listen-peer-urls http://127.0.0.1:${i}2380 --initial-advertise-peer-urls http://127.0.0.1:${i}2380 \
             --initial-cluster "$cluster" --initial-cluster-state new --initial-cluster-token bench \
@@ -75,25 +84,40 @@ run_loads() { # target eps
         local name="${l%%|*}" flags="${l#*|}"
         # shellcheck disable=SC2086
         "$M" bench --target "$1" --endpoints "$2" --duration "$DUR" --value-size 256 $flags --json \
-            | sed "s/^{/{\"load\":\"$name\",/" >>"$WORK/results.jsonl"
+            | sed "s/^{/{\"round\":$ROUND,\"load\":\"$name\",/" >>"$WORK/results.jsonl"
         tail -1 "$WORK/results.jsonl" >&2
     done
 }
 
-echo "== metaraft (3 nodes, loopback, fsync on)" >&2
-start_metaraft; run_loads metaraft "$MR_EPS"; stop_all
-echo "== etcd $(etcd --version | head -1 | awk '{print $3}') (3 members, loopback, fsync on)" >&2
-start_etcd; run_loads etcd "$ETCD_EPS"; stop_all
+for ROUND in $(seq 1 "$ROUNDS"); do
+    mkdir -p "$WORK/r$ROUND"
+    echo "== round $ROUND/$ROUNDS: metaraft (3 nodes, loopback, fsync on)" >&2
+    start_metaraft; run_loads metaraft "$MR_EPS"; stop_all
+    echo "== round $ROUND/$ROUNDS: etcd $(etcd --version | head -1 | awk '{print $3}') (3 members, loopback, fsync on)" >&2
+    start_etcd; run_loads etcd "$ETCD_EPS"; stop_all
+done
 
 python3 - "$WORK/results.jsonl" <<'PY'
-import json, sys
+import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-by = {(r["target"], r["load"]): r for r in rows}
-print(f"{'load':<12} {'metaraft ops/s':>15} {'etcd ops/s':>12} {'ratio':>7} {'mr p99 ms':>10} {'etcd p99 ms':>12}")
-for load in dict.fromkeys(r["load"] for r in rows):
-    m, e = by.get(("metaraft", load)), by.get(("etcd", load))
-    if not m or not e:
-        continue
-    ratio = m["ops_per_sec"] / e["ops_per_sec"] if e["ops_per_sec"] else float("inf")
-    print(f"{load:<12} {m['ops_per_sec']:>15.0f} {e['ops_per_sec']:>12.0f} {ratio:>6.2f}x {m['p99_ms']:>10.2f} {e['p99_ms']:>12.2f}")
+by = {(r["round"], r["target"], r["load"]): r for r in rows}
+rounds = sorted({r["round"] for r in rows})
+loads = list(dict.fromkeys(r["load"] for r in rows))
+ratios = {l: [] for l in loads}
+print(f"{'round':<6} {'load':<12} {'metaraft ops/s':>15} {'etcd ops/s':>12} {'ratio':>7} {'mr p99 ms':>10} {'etcd p99 ms':>12}")
+for rd in rounds:
+    for load in loads:
+        m, e = by.get((rd, "metaraft", load)), by.get((rd, "etcd", load))
+        if not m or not e:
+            continue
+        ratio = m["ops_per_sec"] / e["ops_per_sec"] if e["ops_per_sec"] else float("inf")
+        ratios[load].append(ratio)
+        print(f"{rd:<6} {load:<12} {m['ops_per_sec']:>15.0f} {e['ops_per_sec']:>12.0f} {ratio:>6.2f}x {m['p99_ms']:>10.2f} {e['p99_ms']:>12.2f}")
+if len(rounds) > 1:
+    print()
+    print(f"median of {len(rounds)} rounds (lowest - highest):")
+    for load in loads:
+        r = ratios[load]
+        if r:
+            print(f"  {load:<12} {statistics.median(r):>5.2f}x  ({min(r):.2f}x - {max(r):.2f}x)")
 PY
