@@ -655,6 +655,52 @@ async fn t08_cli_status_json_ops_port_and_bad_cli_input() {
         .output()
         .expect("run");
     assert!(String::from_utf8_lossy(&out.stderr).contains("initial_members"));
+    // Runtime threads: a flag past the bound, and a negative or non-numeric value.
+    let data = c.dir.path().join("never-created");
+    let out = std::process::Command::new(bin)
+        .args([
+            "serve",
+            "--node-id",
+            "1",
+            "--runtime-threads",
+            "5000",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("runtime_threads"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !data.exists(),
+        "a refused config must not touch the data directory"
+    );
+    for bad in ["-1", "two"] {
+        let out = std::process::Command::new(bin)
+            .args(["serve", "--node-id", "1", "--runtime-threads", bad])
+            .output()
+            .expect("run");
+        assert!(!out.status.success(), "--runtime-threads {bad} accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--runtime-threads"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = std::process::Command::new(bin)
+        .args(["bench", "--threads", "5000", "--endpoints", &eps])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--threads must be at most 1024"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Ops port.
     let body = http_get(&c.nodes[leader].ops, "/metrics").await;
     assert!(
