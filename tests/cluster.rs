@@ -685,8 +685,9 @@ async fn t08_cli_status_json_ops_port_and_bad_cli_input() {
             .output()
             .expect("run");
         assert!(!out.status.success(), "--runtime-threads {bad} accepted");
+        // clap names the offending value ("-1" reads as an unknown flag, "two" as a bad number).
         assert!(
-            String::from_utf8_lossy(&out.stderr).contains("--runtime-threads"),
+            String::from_utf8_lossy(&out.stderr).contains(&format!("'{bad}'")),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
