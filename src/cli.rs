@@ -282,8 +282,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     metaraft::config::MAX_RUNTIME_THREADS
                 );
             }
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let threads = metaraft::config::resolve_runtime_threads(a.threads, cpus);
+            let threads = metaraft::config::runtime_threads_here(a.threads);
             runtime_with(threads)?.block_on(crate::bench::run(a))
         }
         Cmd::Backup { op } => crate::backup_cmd::run(op),

@@ -190,12 +190,17 @@ pub fn resolve_runtime_threads(configured: usize, cpus: usize) -> usize {
     }
 }
 
+/// [`resolve_runtime_threads`] for the CPUs this process may use (cgroup quotas included).
+pub fn runtime_threads_here(configured: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    resolve_runtime_threads(configured, cpus)
+}
+
 impl Config {
     /// The async threads this node runs: `runtime_threads`, or the automatic choice from the CPUs
     /// the process may use (cgroup quotas included).
     pub fn effective_runtime_threads(&self) -> usize {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        resolve_runtime_threads(self.runtime_threads, cpus)
+        runtime_threads_here(self.runtime_threads)
     }
 
     /// The address the peer service binds.
