@@ -71,7 +71,29 @@ pub enum Target {
 #[derive(Clone)]
 enum Conn {
     Metaraft(metaraft::pb::kv_client::KvClient<tonic::transport::Channel>),
-    Etcd(etcd_client::KvClient),
+    /// etcd's KV service through the same client transport as metaraft's ([`metaraft::client::channel`]),
+    /// with the request and response types of the `etcd-client` crate.
+    Etcd(tonic::client::Grpc<tonic::transport::Channel>),
+}
+
+const ETCD_PUT: &str = "/etcdserverpb.KV/Put";
+const ETCD_RANGE: &str = "/etcdserverpb.KV/Range";
+
+async fn etcd_unary<Req, Resp>(
+    c: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    path: &'static str,
+    req: Req,
+) -> Result<Resp>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    c.ready().await?;
+    let codec = tonic::codec::ProstCodec::<Req, Resp>::default();
+    let path = http::uri::PathAndQuery::from_static(path);
+    Ok(c.unary(tonic::Request::new(req), path, codec)
+        .await?
+        .into_inner())
 }
 
 impl Conn {
@@ -80,11 +102,10 @@ impl Conn {
             Target::Metaraft => Conn::Metaraft(
                 Client::new(&[endpoint.to_string()], Duration::from_secs(10))?.kv_at(0),
             ),
-            Target::Etcd => Conn::Etcd(
-                etcd_client::Client::connect([endpoint], None)
-                    .await?
-                    .kv_client(),
-            ),
+            Target::Etcd => Conn::Etcd(tonic::client::Grpc::new(metaraft::client::channel(
+                endpoint,
+                Duration::from_secs(10),
+            )?)),
         })
     }
 
@@ -101,7 +122,12 @@ impl Conn {
                 .await?;
             }
             Conn::Etcd(c) => {
-                c.put(key, value, None).await?;
+                let req = etcd_client::proto::PbPutRequest {
+                    key,
+                    value,
+                    ..Default::default()
+                };
+                etcd_unary::<_, etcd_client::proto::PbPutResponse>(c, ETCD_PUT, req).await?;
             }
         }
         Ok(())
@@ -119,12 +145,17 @@ impl Conn {
             }
             Conn::Etcd(c) => {
                 // etcd has linearizable and serializable (local) reads; session maps to serializable.
-                let opts = match consistency {
-                    // etcd has no lease read: the closest guarantee is its linearizable read.
-                    ConsistencyArg::Linearizable | ConsistencyArg::Lease => None,
-                    _ => Some(etcd_client::GetOptions::new().with_serializable()),
+                // etcd has no lease read: the closest guarantee is its linearizable read.
+                let serializable = !matches!(
+                    consistency,
+                    ConsistencyArg::Linearizable | ConsistencyArg::Lease
+                );
+                let req = etcd_client::proto::PbRangeRequest {
+                    key,
+                    serializable,
+                    ..Default::default()
                 };
-                c.get(key, opts).await?;
+                etcd_unary::<_, etcd_client::proto::PbRangeResponse>(c, ETCD_RANGE, req).await?;
             }
         }
         Ok(())
