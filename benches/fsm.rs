@@ -98,7 +98,8 @@ fn bench_pure_apply(c: &mut Criterion) {
                 (idx, put(idx))
             },
             |(i, req)| {
-                let (muts, _) = fsm::apply(&state, i, &req).expect("apply");
+                let (muts, _) =
+                    fsm::apply(&state, i, &req, fsm::Dedup::window(1_000_000)).expect("apply");
                 for m in muts {
                     if let fsm::Mutation::Put(k, v) = m {
                         state.0.insert(k, v);

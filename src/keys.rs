@@ -9,8 +9,11 @@
 //! State-machine store (`<data>/sm-<generation>`):
 //! - `d` + user key                    -> bincode `fsm::ValueRecord`
 //! - `m` + name                        -> metadata (`last_applied`, `membership`)
-//! - `r` + request id                  -> bincode `fsm::DedupRecord` (response of a request id)
-//! - `q` + index (u64 BE)             -> request id applied at that index (the expiry queue)
+//! - `R` + bucket (u64 BE) + request id -> bincode `fsm::DedupRecord` (first response of a request
+//!   id applied at index i, in bucket i / dedup_window; a whole bucket is dropped with one range
+//!   delete once every record in it has expired)
+//! - `r` + request id, `q` + index (u64 BE) -> the first layout of the same records (one record
+//!   and one expiry-queue key per request id), still read and expired until none are left
 //!
 //! Metadata domain (`fsm::meta`), in the same state-machine store; `id` = 16-byte UUID, `kind` =
 //! one byte (`fsm::meta::Kind`):
@@ -23,8 +26,8 @@
 //! - `C` + project id + cache key      -> id of the latest step run with that cache key
 //! - `A` + sha256(api key)             -> service account (user) id
 //!
-//! At most one request id per log index, so expiring one is a point lookup, never an iterator
-//! scan over the tombstones of earlier expiries (which grew without bound).
+//! In the first layout, at most one request id per log index, so expiring one is a point lookup,
+//! never an iterator scan over the tombstones of earlier expiries (which grew without bound).
 //!
 //! Big-endian indexes keep RocksDB's byte order equal to numeric order.
 
@@ -41,6 +44,7 @@ pub const SM_META_MEMBERSHIP: &[u8] = b"mmembership";
 pub const SM_META_CLUSTER_ID: &[u8] = b"mcluster_id";
 pub const SM_DEDUP: u8 = b'r';
 pub const SM_DEDUP_QUEUE: u8 = b'q';
+pub const SM_DEDUP_BUCKET: u8 = b'R';
 
 pub const META_ROW: u8 = b'E';
 pub const META_NAME: u8 = b'N';
@@ -155,6 +159,24 @@ pub fn dedup_queue(index: u64) -> [u8; 9] {
     k
 }
 
+pub fn dedup_at(bucket: u64, request_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + request_id.len());
+    k.push(SM_DEDUP_BUCKET);
+    k.extend_from_slice(&bucket.to_be_bytes());
+    k.extend_from_slice(request_id.as_bytes());
+    k
+}
+
+/// `[start, end)` of every record in dedup bucket `bucket`.
+pub fn dedup_bucket_range(bucket: u64) -> (Vec<u8>, Vec<u8>) {
+    let start = dedup_at(bucket, "");
+    let end = match bucket.checked_add(1) {
+        Some(next) => dedup_at(next, ""),
+        None => vec![SM_DEDUP_BUCKET + 1],
+    };
+    (start, end)
+}
+
 /// The smallest key greater than every key that starts with `prefix` (None when there is none).
 pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
@@ -182,6 +204,24 @@ mod tests {
     fn dedup_queue_sorts_by_index() {
         assert!(dedup_queue(255) < dedup_queue(256));
         assert_eq!(dedup_queue(1)[0], SM_DEDUP_QUEUE);
+    }
+
+    #[test]
+    fn dedup_buckets_hold_their_own_ids_only() {
+        let (start, end) = dedup_bucket_range(7);
+        for id in [
+            "",
+            "a",
+            "\u{10ffff}\u{10ffff}",
+            "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz",
+        ] {
+            let k = dedup_at(7, id);
+            assert!(start <= k && k < end, "{id:?} in its bucket");
+            assert!(dedup_at(6, id) < start && dedup_at(8, id) >= end);
+        }
+        let (_, last_end) = dedup_bucket_range(u64::MAX);
+        assert!(dedup_at(u64::MAX, "zz") < last_end);
+        assert!(data(b"x") < start || data(b"x") >= last_end);
     }
 
     #[test]

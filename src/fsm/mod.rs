@@ -288,6 +288,39 @@ pub struct DedupRecord {
 pub enum Mutation {
     Put(Vec<u8>, Vec<u8>),
     Delete(Vec<u8>),
+    /// Deletes every key in `[start, end)`. Only whole dedup buckets are deleted this way, and no
+    /// command reads or scans them with a range, so a store may leave scans unaware of it.
+    DeleteRange(Vec<u8>, Vec<u8>),
+}
+
+/// How request ids are remembered: each id for exactly `window` log entries after the one that
+/// applied it (a retry at index n finds a record applied at i when i + window > n).
+///
+/// Records live in buckets of `window` indexes (`keys::dedup_at`): a lookup at n reads bucket
+/// n / window and the one before it, and at the last index of every bucket the bucket before the
+/// previous one, all of whose records have expired, goes in one range delete. A put so writes one
+/// dedup key instead of four (record and queue key, and their deletes when they expire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dedup {
+    pub window: u64,
+    /// Whether records of the first layout (`keys::dedup` with `keys::dedup_queue`) may still be
+    /// in the store. They are read and expired as before while they are; `false` only skips that
+    /// work, so it must only be passed when the store holds no `q` key.
+    pub legacy: bool,
+}
+
+impl Dedup {
+    /// The window only (no first-layout records): for new stores and tests.
+    pub fn window(window: u64) -> Dedup {
+        Dedup {
+            window,
+            legacy: false,
+        }
+    }
+
+    fn bucket(&self, index: u64) -> u64 {
+        index / self.window.max(1)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -358,28 +391,63 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, FsmError> {
     crate::raft_types::encode(v).map_err(|e| FsmError::Encode(e.to_string()))
 }
 
-/// Forgets the request id (if any) applied `dedup_window` entries before `index`. Called for
-/// every log entry, whatever its payload, so each id is forgotten exactly once on every replica.
-pub fn expire(
+/// Forgets what expires at `index`: called for every log entry, whatever its payload, so every
+/// replica forgets the same ids at the same index. In the bucketed layout that is a whole bucket
+/// at the last index of each bucket; in the first layout, the id applied `window` entries before.
+pub fn expire(state: &dyn StateRead, index: u64, dedup: Dedup) -> Result<Vec<Mutation>, FsmError> {
+    let w = dedup.window.max(1);
+    let mut muts = Vec::new();
+    // Bucket b holds indexes up to (b + 1)w - 1, each remembered until w entries later: from
+    // index (b + 2)w - 1 on, nothing in it can answer a retry.
+    if let Some(next) = index.checked_add(1) {
+        if next % w == 0 && next / w >= 2 {
+            let (start, end) = keys::dedup_bucket_range(next / w - 2);
+            muts.push(Mutation::DeleteRange(start, end));
+        }
+    }
+    if dedup.legacy && index > w {
+        let qk = keys::dedup_queue(index - w);
+        if let Some(id) = state.get_raw(&qk)? {
+            let id = String::from_utf8(id).map_err(|e| FsmError::Corrupt {
+                key: qk.to_vec(),
+                reason: e.to_string(),
+            })?;
+            muts.push(Mutation::Delete(keys::dedup(&id)));
+            muts.push(Mutation::Delete(qk.to_vec()));
+        }
+    }
+    Ok(muts)
+}
+
+/// The first result of `request_id` if it is remembered at `index` (see [`Dedup`]).
+fn remembered(
     state: &dyn StateRead,
     index: u64,
-    dedup_window: u64,
-) -> Result<Vec<Mutation>, FsmError> {
-    if index <= dedup_window {
-        return Ok(Vec::new());
+    request_id: &str,
+    dedup: Dedup,
+) -> Result<Option<DedupRecord>, FsmError> {
+    let cur = dedup.bucket(index);
+    let mut keys = vec![keys::dedup_at(cur, request_id)];
+    if let Some(prev) = cur.checked_sub(1) {
+        keys.push(keys::dedup_at(prev, request_id));
     }
-    let qk = keys::dedup_queue(index - dedup_window);
-    let Some(id) = state.get_raw(&qk)? else {
-        return Ok(Vec::new());
-    };
-    let id = String::from_utf8(id).map_err(|e| FsmError::Corrupt {
-        key: qk.to_vec(),
-        reason: e.to_string(),
-    })?;
-    Ok(vec![
-        Mutation::Delete(keys::dedup(&id)),
-        Mutation::Delete(qk.to_vec()),
-    ])
+    if dedup.legacy {
+        // Expired exactly on time by `expire`: present means remembered.
+        keys.push(keys::dedup(request_id));
+    }
+    for k in keys {
+        if let Some(raw) = state.get_raw(&k)? {
+            let rec: DedupRecord =
+                crate::raft_types::decode(&raw).map_err(|e| FsmError::Corrupt {
+                    key: k.clone(),
+                    reason: e.to_string(),
+                })?;
+            if rec.index.saturating_add(dedup.window.max(1)) > index {
+                return Ok(Some(rec));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Applies a client request at `index`. Returns the mutations (to write atomically with
@@ -389,6 +457,7 @@ pub fn apply(
     state: &dyn StateRead,
     index: u64,
     req: &Request,
+    dedup: Dedup,
 ) -> Result<(Vec<Mutation>, Response), FsmError> {
     let mut muts = Vec::new();
 
@@ -403,13 +472,7 @@ pub fn apply(
     }
 
     if !req.request_id.is_empty() {
-        let dk = keys::dedup(&req.request_id);
-        if let Some(raw) = state.get_raw(&dk)? {
-            let rec: DedupRecord =
-                crate::raft_types::decode(&raw).map_err(|e| FsmError::Corrupt {
-                    key: dk.clone(),
-                    reason: e.to_string(),
-                })?;
+        if let Some(rec) = remembered(state, index, &req.request_id, dedup)? {
             // A retry: the first result, nothing applied again.
             return Ok((muts, rec.response));
         }
@@ -422,10 +485,9 @@ pub fn apply(
             index,
             response: resp.clone(),
         };
-        muts.push(Mutation::Put(keys::dedup(&req.request_id), encode(&rec)?));
         muts.push(Mutation::Put(
-            keys::dedup_queue(index).to_vec(),
-            req.request_id.as_bytes().to_vec(),
+            keys::dedup_at(dedup.bucket(index), &req.request_id),
+            encode(&rec)?,
         ));
     }
     Ok((muts, resp))

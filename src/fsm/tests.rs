@@ -34,9 +34,12 @@ impl StateRead for MemState {
 
 impl MemState {
     pub(crate) fn run(&mut self, index: u64, req: &Request, window: u64) -> Response {
-        let mut muts = expire(self, index, window).expect("expire");
+        self.run_with(index, req, Dedup::window(window))
+    }
+    pub(crate) fn run_with(&mut self, index: u64, req: &Request, dedup: Dedup) -> Response {
+        let mut muts = expire(self, index, dedup).expect("expire");
         self.write(muts.drain(..));
-        let (muts, resp) = apply(self, index, req).expect("apply");
+        let (muts, resp) = apply(self, index, req, dedup).expect("apply");
         self.write(muts.into_iter());
         resp
     }
@@ -48,6 +51,9 @@ impl MemState {
                 }
                 Mutation::Delete(k) => {
                     self.0.remove(&k);
+                }
+                Mutation::DeleteRange(start, end) => {
+                    self.0.retain(|k, _| k < &start || k >= &end);
                 }
             }
         }
@@ -142,8 +148,82 @@ fn request_ids_expire_after_window() {
     for i in 2..20 {
         s.run(i, &Request::new("", put("b", "x", None)), 10);
     }
-    assert!(!s.0.contains_key(&keys::dedup("id")), "expired id removed");
+    assert!(
+        s.0.keys().all(|k| k[0] != keys::SM_DEDUP_BUCKET),
+        "the expired id's bucket was dropped"
+    );
     assert!(s.0.keys().all(|k| k[0] != keys::SM_DEDUP_QUEUE));
+}
+
+/// A retry is answered from the first result for exactly `window` entries, at every offset
+/// within a bucket, and applies anew from then on.
+#[test]
+fn request_ids_are_remembered_for_exactly_the_window() {
+    for window in [1u64, 2, 3, 7] {
+        for first in 1..(3 * window + 2) {
+            for gap in 1..(2 * window + 2) {
+                let mut s = MemState::default();
+                let req = Request::new("id", put("a", "1", None));
+                s.run(first, &req, window);
+                for i in first + 1..first + gap {
+                    s.run(i, &Request::new("", put("b", "x", None)), window);
+                }
+                let retry = s.run(first + gap, &req, window);
+                let applied_again = retry
+                    == Response::Put {
+                        revision: first + gap,
+                        prev_revision: first,
+                    };
+                assert_eq!(
+                    applied_again,
+                    gap >= window,
+                    "window {window}, first {first}, retry {gap} entries later: {retry:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Records of the first layout (`r` + id with a `q` queue key) are still answered and expired on
+/// time while `legacy` is set, and nothing of that layout is written any more.
+#[test]
+fn first_layout_records_are_still_remembered_and_expired() {
+    let window = 5;
+    let mut s = MemState::default();
+    let first = Response::Put {
+        revision: 3,
+        prev_revision: 0,
+    };
+    let rec = DedupRecord {
+        index: 3,
+        response: first.clone(),
+    };
+    s.0.insert(keys::dedup("old"), encode(&rec).expect("encode"));
+    s.0.insert(keys::dedup_queue(3).to_vec(), b"old".to_vec());
+    let legacy = Dedup {
+        window,
+        legacy: true,
+    };
+    let req = Request::new("old", put("a", "1", None));
+    // Remembered through index 7 (3 + 5 > 7) ...
+    assert_eq!(s.run_with(7, &req, legacy), first);
+    assert!(s.value(b"a").is_none(), "the retry wrote nothing");
+    // ... expired at index 8 with its queue key, and applied anew.
+    let again = s.run_with(8, &req, legacy);
+    assert_eq!(
+        again,
+        Response::Put {
+            revision: 8,
+            prev_revision: 0
+        }
+    );
+    assert!(!s.0.contains_key(&keys::dedup("old")));
+    assert!(!s.0.contains_key(keys::dedup_queue(3).as_slice()));
+    assert!(s
+        .0
+        .keys()
+        .all(|k| k[0] != keys::SM_DEDUP && k[0] != keys::SM_DEDUP_QUEUE));
+    assert!(s.0.contains_key(&keys::dedup_at(8 / window, "old")));
 }
 
 #[test]
@@ -215,7 +295,12 @@ fn newer_format_is_refused_not_applied() {
 fn corrupt_record_is_an_error_not_a_panic() {
     let mut s = MemState::default();
     s.0.insert(keys::data(b"a"), vec![0xff, 0xff, 0xff]);
-    let r = apply(&s, 1, &Request::new("", put("a", "1", None)));
+    let r = apply(
+        &s,
+        1,
+        &Request::new("", put("a", "1", None)),
+        Dedup::window(100),
+    );
     assert!(matches!(r, Err(FsmError::Corrupt { .. })));
 }
 

@@ -69,6 +69,10 @@ pub struct StateMachineStore {
     /// instance openraft applies with; clones (readers, snapshot builders) start empty and never
     /// apply.
     recent: RecentValues,
+    /// Whether the first dedup layout (`keys::dedup_queue`) may still hold records (see
+    /// [`fsm::Dedup::legacy`]); `None` until checked against the current data. Once `false` it
+    /// stays so: this code never writes that layout. Reset when a snapshot replaces the data.
+    legacy_dedup: Option<bool>,
 }
 
 impl Clone for StateMachineStore {
@@ -76,6 +80,7 @@ impl Clone for StateMachineStore {
         StateMachineStore {
             shared: self.shared.clone(),
             recent: RecentValues::default(),
+            legacy_dedup: None,
         }
     }
 }
@@ -199,6 +204,7 @@ impl StateMachineStore {
                 rbac: RwLock::new(rbac),
             }),
             recent: RecentValues::default(),
+            legacy_dedup: None,
         };
         Ok(store)
     }
@@ -490,6 +496,50 @@ impl StateMachineStore {
         Ok((read_last_applied(&db)?, Self::read_membership(&db)?))
     }
 
+    /// Writes a raw key, bypassing apply: tests build data of earlier layouts with it.
+    #[cfg(test)]
+    pub(crate) fn put_raw_for_test(&self, key: &[u8], value: &[u8]) {
+        self.db().put(key, value).expect("raw put");
+    }
+
+    /// Reads a raw key (tests).
+    #[cfg(test)]
+    pub(crate) fn get_raw_for_test(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.db().get(key).expect("raw get")
+    }
+
+    /// What the last apply call found of the first dedup layout (tests).
+    #[cfg(test)]
+    pub(crate) fn first_layout_dedup_left(&self) -> Option<bool> {
+        self.legacy_dedup
+    }
+
+    /// How this apply call remembers request ids, from `index` (its first entry) on. Checks for
+    /// first-layout records while any may be left: one bounded seek per apply call, from the
+    /// oldest queue key that can still be live (older ones were expired on time).
+    fn dedup_for(&mut self, db: &DB, index: u64) -> Result<fsm::Dedup, StorageError> {
+        let window = self.shared.dedup_window;
+        let legacy = match self.legacy_dedup {
+            Some(false) => false,
+            _ => {
+                let mut ro = ReadOptions::default();
+                ro.set_iterate_upper_bound(vec![keys::SM_DEDUP_QUEUE + 1]);
+                let from = keys::dedup_queue(index.saturating_sub(window));
+                let left = match db
+                    .iterator_opt(IteratorMode::From(&from, Direction::Forward), ro)
+                    .next()
+                {
+                    None => false,
+                    Some(Ok(_)) => true,
+                    Some(Err(e)) => return Err(StorageError::rocks("seek dedup queue")(e)),
+                };
+                self.legacy_dedup = Some(left);
+                left
+            }
+        };
+        Ok(fsm::Dedup { window, legacy })
+    }
+
     /// Applies one entry into `staged`: later entries of the same batch read its mutations there,
     /// and [`Self::flush_apply`] writes them. Returns the entry's response.
     fn apply_one(
@@ -497,14 +547,16 @@ impl StateMachineStore {
         db: &DB,
         staged: &mut Staged,
         entry: &crate::raft_types::Entry,
+        dedup: fsm::Dedup,
     ) -> Result<Response, StorageError> {
         let index = entry.log_id.index;
         let state = DbState {
             db,
             overlay: &staged.writes,
+            deleted: &staged.ranges,
             recent: Some(&self.recent),
         };
-        let expired = fsm::expire(&state, index, self.shared.dedup_window)?;
+        let expired = fsm::expire(&state, index, dedup)?;
         staged.add(expired);
         let resp = match &entry.payload {
             EntryPayload::Blank => Response::None { revision: index },
@@ -528,9 +580,10 @@ impl StateMachineStore {
                 let state = DbState {
                     db,
                     overlay: &staged.writes,
+                    deleted: &staged.ranges,
                     recent: Some(&self.recent),
                 };
-                let (muts, resp) = fsm::apply(&state, index, req)?;
+                let (muts, resp) = fsm::apply(&state, index, req, dedup)?;
                 staged.add(muts);
                 resp
             }
@@ -593,6 +646,7 @@ impl StateMachineStore {
             }
         }
         self.recent.absorb(&mut staged.writes);
+        staged.ranges.clear();
         staged.bytes = 0;
         for (responder, resp) in pending.drain(..) {
             if let Some(r) = responder {
@@ -612,6 +666,11 @@ impl StateMachineStore {
     /// of a 3-node cluster's CPU under write load).
     fn write_batch(&self, db: &DB, staged: &Staged, last: LogId) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
+        // Range deletes first: a key written after one in the same batch is in `writes` (and one
+        // written before it was dropped from there), so this order is the entries' order.
+        for (start, end) in &staged.ranges {
+            batch.delete_range(start, end);
+        }
         for (k, v) in &staged.writes {
             match v {
                 Some(v) => batch.put(k, v),
@@ -766,6 +825,8 @@ impl StateMachineStore {
 #[derive(Default)]
 struct Staged {
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// `[start, end)` range deletes of this batch, written before `writes`.
+    ranges: Vec<(Vec<u8>, Vec<u8>)>,
     /// Bytes of keys and values staged (bounds the batch).
     bytes: usize,
 }
@@ -776,6 +837,20 @@ impl Staged {
             let (k, v) = match m {
                 Mutation::Put(k, v) => (k, Some(v)),
                 Mutation::Delete(k) => (k, None),
+                Mutation::DeleteRange(start, end) => {
+                    // What this batch wrote in the range goes too.
+                    let doomed: Vec<Vec<u8>> = self
+                        .writes
+                        .range(start.clone()..end.clone())
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in doomed {
+                        self.writes.remove(&k);
+                    }
+                    self.bytes += start.len() + end.len();
+                    self.ranges.push((start, end));
+                    continue;
+                }
             };
             self.bytes += k.len() + v.as_ref().map_or(0, Vec::len);
             self.writes.insert(k, v);
@@ -788,6 +863,9 @@ impl Staged {
 struct DbState<'a> {
     db: &'a DB,
     overlay: &'a BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Range deletes of the batch (only dedup buckets, which nothing scans: see
+    /// [`Mutation::DeleteRange`]); point reads honour them.
+    deleted: &'a [(Vec<u8>, Vec<u8>)],
     /// Records written by earlier batches, when the caller is apply.
     recent: Option<&'a RecentValues>,
 }
@@ -796,6 +874,13 @@ impl StateRead for DbState<'_> {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
+        }
+        if self
+            .deleted
+            .iter()
+            .any(|(start, end)| start.as_slice() <= key && key < end.as_slice())
+        {
+            return Ok(None);
         }
         if let Some(v) = self.recent.and_then(|r| r.get(key)) {
             return Ok(v.clone());
@@ -820,6 +905,7 @@ fn load_rbac(db: &DB) -> Result<RbacIndex, StorageError> {
     Ok(RbacIndex::load(&DbState {
         db,
         overlay: &BTreeMap::new(),
+        deleted: &[],
         recent: None,
     })?)
 }
@@ -1032,9 +1118,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut staged = Staged::default();
         let mut pending = Vec::new();
         let mut last: Option<LogId> = None;
+        let mut dedup = None;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
-            let resp = match self.apply_one(&db, &mut staged, &entry) {
+            let d = match dedup {
+                Some(d) => d,
+                None => {
+                    let d = self.dedup_for(&db, entry.log_id.index)?;
+                    dedup = Some(d);
+                    d
+                }
+            };
+            let resp = match self.apply_one(&db, &mut staged, &entry, d) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(index = entry.log_id.index, error = %e, "apply failed; stopping");
@@ -1070,6 +1165,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let dir = snapshot.path.clone();
         // The data is replaced: whatever the outcome, apply's cache no longer describes it.
         self.recent.clear();
+        self.legacy_dedup = None;
         tokio::task::spawn_blocking(move || store.install_dir(&m, &dir))
             .await
             .map_err(std::io::Error::other)??;

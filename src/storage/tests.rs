@@ -268,3 +268,92 @@ async fn snapshot_install_empties_the_apply_cache() {
         behind.state_hash().expect("hash")
     );
 }
+
+/// A store written by the first dedup layout (`r` + id, `q` + index) upgrades in place: its ids
+/// are still answered within the window and expired on time, the new layout is written, and once
+/// no queue key is left apply stops looking for them. Batch boundaries change nothing.
+#[tokio::test]
+async fn first_layout_request_ids_are_honoured_and_expired_after_upgrade() {
+    let window = 5;
+    for per_call in [1usize, 3, 100] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut sm = StateMachineStore::open(dir.path(), window).expect("open");
+        // As the previous release left it: "old" applied at index 2 (a put of k-old).
+        apply(
+            &mut sm,
+            vec![entry(1, "k0", "v"), entry(2, "k-old", "first")],
+        )
+        .await;
+        let rec = crate::fsm::DedupRecord {
+            index: 2,
+            response: crate::fsm::Response::Put {
+                revision: 2,
+                prev_revision: 0,
+            },
+        };
+        sm.put_raw_for_test(
+            &crate::keys::dedup("old"),
+            &enc("dedup", &rec).expect("encode"),
+        );
+        sm.put_raw_for_test(&crate::keys::dedup_queue(2), b"old");
+        // The upgraded binary opens it.
+        drop(sm);
+        let mut sm = StateMachineStore::open(dir.path(), window).expect("reopen");
+        let mut entries = Vec::new();
+        for i in 3..=20u64 {
+            entries.push(match i {
+                // A retry inside the window (2 + 5 > 6): answered, not applied.
+                6 => entry_with_id(6, "k-old", "old"),
+                // Past it: applied anew.
+                7 => entry_with_id(7, "k-new", "old"),
+                // A new-layout id and its retry inside the window.
+                8 | 12 => entry_with_id(i, &format!("k{i}"), "fresh"),
+                _ => entry(i, "filler", "x"),
+            });
+        }
+        for chunk in entries.chunks(per_call) {
+            apply(&mut sm, chunk.to_vec()).await;
+        }
+        let value = |k: &str| {
+            sm.get(k.as_bytes())
+                .expect("get")
+                .0
+                .map(|v| (v.record.value, v.record.mod_revision))
+        };
+        assert_eq!(
+            value("k-old"),
+            Some((b"first".to_vec(), 2)),
+            "retry at 6 not applied"
+        );
+        assert_eq!(
+            value("k-new").map(|v| v.1),
+            Some(7),
+            "expired id applied at 7"
+        );
+        assert_eq!(value("k8").map(|v| v.1), Some(8));
+        assert_eq!(value("k12"), None, "retry of fresh at 12 not applied");
+        assert_eq!(
+            sm.get_raw_for_test(&crate::keys::dedup("old")),
+            None,
+            "old record expired"
+        );
+        assert_eq!(
+            sm.get_raw_for_test(&crate::keys::dedup_queue(2)),
+            None,
+            "its queue key too"
+        );
+        // Index 7's record is in bucket 1 (5..=9), which is dropped at 2 * 5 + 5 - 1 = 14.
+        assert_eq!(sm.get_raw_for_test(&crate::keys::dedup_at(1, "old")), None);
+        assert_eq!(
+            sm.get_raw_for_test(&crate::keys::dedup_at(1, "fresh")),
+            None
+        );
+        // Checked at the start of each apply call.
+        apply(&mut sm, vec![entry(21, "filler", "y")]).await;
+        assert_eq!(
+            sm.first_layout_dedup_left(),
+            Some(false),
+            "per_call {per_call}"
+        );
+    }
+}
