@@ -166,6 +166,8 @@ struct Stats {
     hist: Histogram<u64>,
     ok: u64,
     errors: u64,
+    /// What the first failed request said.
+    first_error: Option<String>,
 }
 
 pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
@@ -231,6 +233,7 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
                 hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
                 ok: 0,
                 errors: 0,
+                first_error: None,
             };
             let mut rng = rand::rngs::StdRng::from_entropy();
             while !stop.load(Ordering::Relaxed) {
@@ -246,8 +249,9 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
                         st.ok += 1;
                         let _ = st.hist.record(t.elapsed().as_micros().max(1) as u64);
                     }
-                    Err(_) => {
+                    Err(e) => {
                         st.errors += 1;
+                        st.first_error.get_or_insert_with(|| format!("{e:#}"));
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
@@ -261,12 +265,16 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
         hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         ok: 0,
         errors: 0,
+        first_error: None,
     };
     while let Some(r) = set.join_next().await {
         let s = r?;
         total.hist.add(&s.hist)?;
         total.ok += s.ok;
         total.errors += s.errors;
+        if total.first_error.is_none() {
+            total.first_error = s.first_error;
+        }
     }
     let secs = start.elapsed().as_secs_f64();
     let ms = |q: f64| total.hist.value_at_quantile(q) as f64 / 1000.0;
@@ -286,6 +294,15 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
             "{}: {:.0} ops/s  ok {}  errors {}  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  ({} in flight, {:.0}% reads, {}-byte values, {:.1}s)",
             format!("{:?}", a.target).to_lowercase(), tput, total.ok, total.errors, ms(0.5), ms(0.99), ms(0.999), a.concurrency, a.read_ratio * 100.0, a.value_size, secs
         );
+    }
+    if total.ok == 0 {
+        // A run where nothing succeeded measured nothing: say why and fail, so a script (or
+        // compare-etcd.sh) never reads it as a figure.
+        eprintln!(
+            "error: no request succeeded; the first failure: {}",
+            total.first_error.as_deref().unwrap_or("none recorded")
+        );
+        return Ok(std::process::ExitCode::FAILURE);
     }
     Ok(std::process::ExitCode::SUCCESS)
 }

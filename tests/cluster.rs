@@ -702,6 +702,27 @@ async fn t08_cli_status_json_ops_port_and_bad_cli_input() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A bench where no request succeeds (nobody listens there) prints its figures, then fails
+    // naming why, for either target.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_addr = dead.local_addr().expect("addr").to_string();
+    drop(dead);
+    for target in ["metaraft", "etcd"] {
+        let out = std::process::Command::new(bin)
+            .args(["bench", "--target", target, "--endpoints", &dead_addr])
+            .args(["--duration", "1", "--concurrency", "2"])
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{target}: a run with no success passed"
+        );
+        assert!(
+            err.contains("no request succeeded") && err.contains("first failure"),
+            "{target}: {err}"
+        );
+    }
     // Ops port.
     let body = http_get(&c.nodes[leader].ops, "/metrics").await;
     assert!(
