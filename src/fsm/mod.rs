@@ -318,8 +318,13 @@ impl Dedup {
         }
     }
 
+    /// The window, at least 1 (config refuses 0; this keeps the arithmetic total anyway).
+    fn span(&self) -> u64 {
+        self.window.max(1)
+    }
+
     fn bucket(&self, index: u64) -> u64 {
-        index / self.window.max(1)
+        index / self.span()
     }
 }
 
@@ -395,7 +400,7 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, FsmError> {
 /// replica forgets the same ids at the same index. In the bucketed layout that is a whole bucket
 /// at the last index of each bucket; in the first layout, the id applied `window` entries before.
 pub fn expire(state: &dyn StateRead, index: u64, dedup: Dedup) -> Result<Vec<Mutation>, FsmError> {
-    let w = dedup.window.max(1);
+    let w = dedup.span();
     let mut muts = Vec::new();
     // Bucket b holds indexes up to (b + 1)w - 1, each remembered until w entries later: from
     // index (b + 2)w - 1 on, nothing in it can answer a retry.
@@ -442,7 +447,7 @@ fn remembered(
                     key: k.clone(),
                     reason: e.to_string(),
                 })?;
-            if rec.index.saturating_add(dedup.window.max(1)) > index {
+            if rec.index.saturating_add(dedup.span()) > index {
                 return Ok(Some(rec));
             }
         }
