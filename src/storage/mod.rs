@@ -8,6 +8,7 @@
 //!
 //! Key layouts live in [`crate::keys`].
 
+mod dedup_filter;
 mod lineage;
 mod log_store;
 mod sm_store;

@@ -21,6 +21,7 @@ use rocksdb::{
 };
 use tokio::sync::watch;
 
+use super::dedup_filter::DedupFilter;
 use super::{dec, enc, sync_dir, StorageError};
 use crate::fsm::{self, FsmError, Mutation, Response, StateRead};
 use crate::keys;
@@ -73,6 +74,10 @@ pub struct StateMachineStore {
     /// [`fsm::Dedup::legacy`]); `None` until checked against the current data. Once `false` it
     /// stays so: this code never writes that layout. Reset when a snapshot replaces the data.
     legacy_dedup: Option<bool>,
+    /// Apply's filter of the request ids whose records exist (see [`DedupFilter`]); `None`
+    /// until built from the database by the first apply call, and again whenever the data is
+    /// replaced or a batch fails.
+    dedup_filter: Option<DedupFilter>,
 }
 
 impl Clone for StateMachineStore {
@@ -81,6 +86,7 @@ impl Clone for StateMachineStore {
             shared: self.shared.clone(),
             recent: RecentValues::default(),
             legacy_dedup: None,
+            dedup_filter: None,
         }
     }
 }
@@ -205,6 +211,7 @@ impl StateMachineStore {
             }),
             recent: RecentValues::default(),
             legacy_dedup: None,
+            dedup_filter: None,
         };
         Ok(store)
     }
@@ -498,8 +505,9 @@ impl StateMachineStore {
 
     /// Writes a raw key, bypassing apply: tests build data of earlier layouts with it.
     #[cfg(test)]
-    pub(crate) fn put_raw_for_test(&self, key: &[u8], value: &[u8]) {
+    pub(crate) fn put_raw_for_test(&mut self, key: &[u8], value: &[u8]) {
         self.db().put(key, value).expect("raw put");
+        self.dedup_filter = None;
     }
 
     /// Reads a raw key (tests).
@@ -537,6 +545,9 @@ impl StateMachineStore {
                 left
             }
         };
+        if self.dedup_filter.is_none() {
+            self.dedup_filter = Some(build_dedup_filter(db, window)?);
+        }
         Ok(fsm::Dedup { window, legacy })
     }
 
@@ -555,6 +566,7 @@ impl StateMachineStore {
             overlay: &staged.writes,
             deleted: &staged.ranges,
             recent: Some(&self.recent),
+            dedup_filter: self.dedup_filter.as_ref(),
         };
         let expired = fsm::expire(&state, index, dedup)?;
         staged.add(expired);
@@ -582,6 +594,7 @@ impl StateMachineStore {
                     overlay: &staged.writes,
                     deleted: &staged.ranges,
                     recent: Some(&self.recent),
+                    dedup_filter: self.dedup_filter.as_ref(),
                 };
                 let (muts, resp) = fsm::apply(&state, index, req, dedup)?;
                 staged.add(muts);
@@ -643,6 +656,16 @@ impl StateMachineStore {
             let mut rbac = self.rbac_write();
             for (k, v) in rows {
                 rbac.observe(k, v.as_deref())?;
+            }
+        }
+        if let Some(f) = self.dedup_filter.as_mut() {
+            for (start, end) in &staged.ranges {
+                f.remove_range(start, end);
+            }
+            for (k, v) in &staged.writes {
+                if v.is_some() {
+                    f.insert(k);
+                }
             }
         }
         self.recent.absorb(&mut staged.writes);
@@ -861,6 +884,8 @@ struct DbState<'a> {
     deleted: &'a [(Vec<u8>, Vec<u8>)],
     /// Records written by earlier batches, when the caller is apply.
     recent: Option<&'a RecentValues>,
+    /// Which request-id records exist, when the caller is apply.
+    dedup_filter: Option<&'a DedupFilter>,
 }
 
 impl StateRead for DbState<'_> {
@@ -878,6 +903,9 @@ impl StateRead for DbState<'_> {
         if let Some(v) = self.recent.and_then(|r| r.get(key)) {
             return Ok(v.clone());
         }
+        if self.dedup_filter.is_some_and(|f| !f.may_contain(key)) {
+            return Ok(None);
+        }
         self.db.get(key).map_err(|e| FsmError::Read(e.to_string()))
     }
 
@@ -893,6 +921,22 @@ impl StateRead for DbState<'_> {
     }
 }
 
+/// A filter holding every request-id record `db` has (one key scan of the live buckets).
+fn build_dedup_filter(db: &DB, window: u64) -> Result<DedupFilter, StorageError> {
+    let mut f = DedupFilter::new(window);
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_upper_bound(vec![keys::SM_DEDUP_BUCKET + 1]);
+    let mut it = db.raw_iterator_opt(ro);
+    it.seek([keys::SM_DEDUP_BUCKET]);
+    while let Some(k) = it.key() {
+        f.insert(k);
+        it.next();
+    }
+    it.status()
+        .map_err(StorageError::rocks("scan request-id records"))?;
+    Ok(f)
+}
+
 /// The permission index as the database `db` holds it (at open and after a snapshot install).
 fn load_rbac(db: &DB) -> Result<RbacIndex, StorageError> {
     Ok(RbacIndex::load(&DbState {
@@ -900,6 +944,7 @@ fn load_rbac(db: &DB) -> Result<RbacIndex, StorageError> {
         overlay: &BTreeMap::new(),
         deleted: &[],
         recent: None,
+        dedup_filter: None,
     })?)
 }
 
@@ -1128,6 +1173,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     tracing::error!(index = entry.log_id.index, error = %e, "apply failed; stopping");
                     // Nothing of this batch was written: forget what apply cached too.
                     self.recent.clear();
+                    self.dedup_filter = None;
                     return Err(e.into());
                 }
             };
@@ -1159,6 +1205,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // The data is replaced: whatever the outcome, apply's cache no longer describes it.
         self.recent.clear();
         self.legacy_dedup = None;
+        self.dedup_filter = None;
         tokio::task::spawn_blocking(move || store.install_dir(&m, &dir))
             .await
             .map_err(std::io::Error::other)??;
