@@ -56,6 +56,16 @@ fn entry(index: u64, key: &str, value: &str) -> crate::raft_types::Entry {
     }
 }
 
+async fn build_snapshot(
+    sm: &mut StateMachineStore,
+) -> openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotDir> {
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build snapshot")
+}
+
 async fn apply(sm: &mut StateMachineStore, entries: Vec<crate::raft_types::Entry>) {
     let s = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
     sm.apply(s).await.expect("apply");
@@ -74,12 +84,7 @@ async fn snapshot_install_restores_exact_state_and_survives_reopen() {
             .collect(),
     )
     .await;
-    let snap = sa
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("build");
+    let snap = build_snapshot(&mut sa).await;
     // Writes after the checkpoint do not leak into it.
     apply(&mut sa, vec![entry(51, "late", "x")]).await;
     sb.install_snapshot(&snap.meta, snap.snapshot.clone())
@@ -251,12 +256,7 @@ async fn snapshot_install_empties_the_apply_cache() {
     let mut ahead = StateMachineStore::open(b.path(), 1000).expect("open");
     apply(&mut behind, churn(1, 30)).await;
     apply(&mut ahead, churn(1, 60)).await;
-    let snap = behind
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("build");
+    let snap = build_snapshot(&mut behind).await;
     ahead
         .install_snapshot(&snap.meta, snap.snapshot.clone())
         .await
@@ -373,15 +373,17 @@ async fn request_ids_are_remembered_across_batches_reopen_and_snapshot_install()
         .collect();
     apply(&mut sa, first).await;
     // The same batch, then a later call.
+    let with_ids = |list: &[(u64, &str, &str)]| -> Vec<_> {
+        list.iter()
+            .map(|&(i, key, id)| entry_with_id(i, key, id))
+            .collect()
+    };
     apply(
         &mut sa,
-        vec![
-            entry_with_id(11, "same-1", "same"),
-            entry_with_id(12, "same-2", "same"),
-        ],
+        with_ids(&[(11, "same-1", "same"), (12, "same-2", "same")]),
     )
     .await;
-    apply(&mut sa, vec![entry_with_id(13, "later", "id2")]).await;
+    apply(&mut sa, with_ids(&[(13, "later", "id2")])).await;
     assert!(applied(&sa, "same-1"));
     assert!(!applied(&sa, "same-2"), "retry in the same batch");
     assert!(!applied(&sa, "later"), "retry in a later call");
@@ -390,12 +392,7 @@ async fn request_ids_are_remembered_across_batches_reopen_and_snapshot_install()
     let mut sa = StateMachineStore::open(a.path(), 1000).expect("reopen");
     apply(&mut sa, vec![entry_with_id(14, "after-reopen", "id3")]).await;
     assert!(!applied(&sa, "after-reopen"), "retry after reopen");
-    let snap = sa
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("build");
+    let snap = build_snapshot(&mut sa).await;
 
     // `sb` builds its filter from its own data first, then has that data replaced.
     let mut sb = StateMachineStore::open(b.path(), 1000).expect("open");
@@ -403,18 +400,13 @@ async fn request_ids_are_remembered_across_batches_reopen_and_snapshot_install()
     sb.install_snapshot(&snap.meta, snap.snapshot.clone())
         .await
         .expect("install");
-    apply(
-        &mut sb,
-        vec![
-            entry_with_id(15, "after-install", "id5"),
-            entry_with_id(16, "new-id", "fresh"),
-        ],
-    )
-    .await;
+    let tail = with_ids(&[(15, "after-install", "id5"), (16, "new-id", "fresh")]);
+    apply(&mut sb, tail.clone()).await;
     assert!(!applied(&sb, "after-install"), "retry after install");
     assert!(applied(&sb, "new-id"), "a new id is applied");
-    apply(&mut sa, vec![entry_with_id(15, "after-install", "id5")]).await;
-    apply(&mut sa, vec![entry_with_id(16, "new-id", "fresh")]).await;
+    for e in tail {
+        apply(&mut sa, vec![e]).await;
+    }
     assert_eq!(
         sa.state_hash().expect("hash"),
         sb.state_hash().expect("hash")
