@@ -645,6 +645,17 @@ impl StateMachineStore {
             return Ok(());
         }
         self.write_batch(db, staged, last)?;
+        // At once: the records are in the database now, whatever fails below.
+        if let Some(f) = self.dedup_filter.as_mut() {
+            for (start, end) in &staged.ranges {
+                f.remove_range(start, end);
+            }
+            for (k, v) in &staged.writes {
+                if v.is_some() {
+                    f.insert(k);
+                }
+            }
+        }
         // Only batches that wrote metadata rows take the RBAC index's lock (key/value writes,
         // the hot path, never do).
         let mut rows = staged
@@ -656,16 +667,6 @@ impl StateMachineStore {
             let mut rbac = self.rbac_write();
             for (k, v) in rows {
                 rbac.observe(k, v.as_deref())?;
-            }
-        }
-        if let Some(f) = self.dedup_filter.as_mut() {
-            for (start, end) in &staged.ranges {
-                f.remove_range(start, end);
-            }
-            for (k, v) in &staged.writes {
-                if v.is_some() {
-                    f.insert(k);
-                }
             }
         }
         self.recent.absorb(&mut staged.writes);
