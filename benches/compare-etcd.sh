@@ -27,6 +27,12 @@ if [ ${#etcd_pkgs[@]} -gt 0 ]; then
     echo "installing ${etcd_pkgs[*]}" >&2
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${etcd_pkgs[@]}" >/dev/null
+    # Debian's package starts a system etcd at once; an idle fourth etcd would take CPU from
+    # both systems under test. Stop the one this script just installed.
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+        echo "stopping and disabling the etcd.service the package started" >&2
+        $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true
+    fi
 fi
 cargo build --release --bin metaraft >&2
 M="$CARGO_TARGET_DIR/release/metaraft"
