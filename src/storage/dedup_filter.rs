@@ -48,10 +48,11 @@ impl DedupFilter {
         Some((bucket, &key[9..]))
     }
 
-    fn positions(&self, id: &[u8]) -> impl Iterator<Item = u64> {
+    /// The bit positions of `id` in a bucket of `bits` bits (a power of two).
+    fn positions(bits: u64, id: &[u8]) -> impl Iterator<Item = u64> {
         let h = hash(id);
         let (h1, h2) = (h & 0xffff_ffff, (h >> 32) | 1);
-        let mask = self.bits - 1;
+        let mask = bits - 1;
         (0..PROBES).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) & mask)
     }
 
@@ -61,9 +62,8 @@ impl DedupFilter {
             return;
         };
         let words = usize::try_from(self.bits / 64).unwrap_or(usize::MAX);
-        let positions: Vec<u64> = self.positions(id).collect();
         let set = self.buckets.entry(bucket).or_insert_with(|| vec![0; words]);
-        for p in positions {
+        for p in Self::positions(self.bits, id) {
             if let Some(w) = set.get_mut((p / 64) as usize) {
                 *w |= 1 << (p % 64);
             }
@@ -78,7 +78,7 @@ impl DedupFilter {
         let Some(set) = self.buckets.get(&bucket) else {
             return false;
         };
-        self.positions(id).all(|p| {
+        Self::positions(self.bits, id).all(|p| {
             set.get((p / 64) as usize)
                 .is_some_and(|w| w & (1 << (p % 64)) != 0)
         })
