@@ -52,7 +52,7 @@ fn entry(index: u64) -> Entry {
             },
             index,
         ),
-        payload: openraft::EntryPayload::Normal(put(index)),
+        payload: openraft::EntryPayload::Normal(std::sync::Arc::new(put(index))),
     }
 }
 

@@ -48,10 +48,10 @@ fn entry(index: u64, at_ms: u64, op: &MetaOp) -> Entry {
             },
             index,
         ),
-        payload: openraft::EntryPayload::Normal(Request::new(
+        payload: openraft::EntryPayload::Normal(std::sync::Arc::new(Request::new(
             "",
             Command::Meta { format, at_ms, op },
-        )),
+        ))),
     }
 }
 

@@ -284,8 +284,10 @@ impl Proposer {
                 st.queue.drain(..n).collect()
             };
             self.metrics.observe_propose_batch(taken.len());
-            let (reqs, waiters): (Vec<Request>, Vec<ProposeWaiter>) =
-                taken.into_iter().map(|(r, w)| (self.stamp(r), w)).unzip();
+            let (reqs, waiters): (Vec<Arc<Request>>, Vec<ProposeWaiter>) = taken
+                .into_iter()
+                .map(|(r, w)| (Arc::new(self.stamp(r)), w))
+                .unzip();
             let deadline = tokio::time::Instant::now() + self.timeout;
             match self.raft.client_write_many(reqs).await {
                 Err(fatal) => {

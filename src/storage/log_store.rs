@@ -450,10 +450,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = WriteBatch::default();
-        let mut appended = Vec::new();
+        let mut encoded = Vec::new();
+        let mut bytes = 64;
         for e in entries {
             let b = enc("log entry", &e)?;
+            bytes += b.len() + 32;
+            encoded.push((e, b));
+        }
+        // Sized once: grown from empty, its buffer was copied several times per append.
+        let mut batch = WriteBatch::with_capacity_bytes(bytes);
+        let mut appended = Vec::with_capacity(encoded.len());
+        for (e, b) in encoded {
             batch.put(keys::log_entry(e.log_id.index), &b);
             appended.push((e, b.len()));
         }
@@ -513,14 +520,14 @@ mod tests {
                 openraft::impls::leader_id_adv::LeaderId { term, node_id: 1 },
                 index,
             ),
-            payload: openraft::EntryPayload::Normal(crate::fsm::Request::new(
+            payload: openraft::EntryPayload::Normal(std::sync::Arc::new(crate::fsm::Request::new(
                 "",
                 crate::fsm::Command::Put {
                     key: format!("k{index}").into_bytes(),
                     value: vec![b'v'; (index % 7) as usize * 10],
                     expected_revision: None,
                 },
-            )),
+            ))),
         }
     }
 

@@ -45,14 +45,14 @@ fn entry(index: u64, key: &str, value: &str) -> crate::raft_types::Entry {
             },
             index,
         ),
-        payload: openraft::EntryPayload::Normal(crate::fsm::Request::new(
+        payload: openraft::EntryPayload::Normal(std::sync::Arc::new(crate::fsm::Request::new(
             "",
             crate::fsm::Command::Put {
                 key: key.into(),
                 value: value.into(),
                 expected_revision: None,
             },
-        )),
+        ))),
     }
 }
 
@@ -170,7 +170,7 @@ async fn log_survives_reopen_and_truncates() {
 fn entry_with_id(index: u64, key: &str, id: &str) -> crate::raft_types::Entry {
     let mut e = entry(index, key, "v");
     if let openraft::EntryPayload::Normal(r) = &mut e.payload {
-        r.request_id = id.to_string();
+        std::sync::Arc::make_mut(r).request_id = id.to_string();
     }
     e
 }
@@ -198,13 +198,13 @@ async fn batch_boundaries_do_not_change_state() {
 
 fn delete_entry(index: u64, key: &str) -> crate::raft_types::Entry {
     let mut e = entry(index, key, "");
-    e.payload = openraft::EntryPayload::Normal(crate::fsm::Request::new(
+    e.payload = openraft::EntryPayload::Normal(std::sync::Arc::new(crate::fsm::Request::new(
         "",
         crate::fsm::Command::Delete {
             key: key.into(),
             expected_revision: None,
         },
-    ));
+    )));
     e
 }
 
