@@ -374,6 +374,11 @@ pub fn scan_with_overlay(
 /// Read access to the current state, as of the last applied entry.
 pub trait StateRead {
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError>;
+    /// [`Self::get_raw`], borrowed where the state holds the bytes in memory already (apply's
+    /// pending batch and record cache), so reading a record costs no copy.
+    fn get_raw_ref(&self, key: &[u8]) -> Result<Option<std::borrow::Cow<'_, [u8]>>, FsmError> {
+        Ok(self.get_raw(key)?.map(std::borrow::Cow::Owned))
+    }
     /// Raw keys and values in `[start, end)`, ascending, at most `limit`.
     fn scan(&self, start: &[u8], end: &[u8], limit: usize)
         -> Result<crate::fsm::KvPairs, FsmError>;
@@ -381,7 +386,7 @@ pub trait StateRead {
 
 fn get_value(state: &dyn StateRead, user_key: &[u8]) -> Result<Option<ValueRecord>, FsmError> {
     let key = keys::data(user_key);
-    match state.get_raw(&key)? {
+    match state.get_raw_ref(&key)? {
         None => Ok(None),
         Some(raw) => crate::raft_types::decode(&raw)
             .map(Some)
@@ -390,6 +395,47 @@ fn get_value(state: &dyn StateRead, user_key: &[u8]) -> Result<Option<ValueRecor
                 reason: e.to_string(),
             }),
     }
+}
+
+/// The revisions of a stored value: all that a put, a delete or a revision compare needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Revisions {
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
+}
+
+/// A [`ValueRecord`] decoded in place: the value is skipped, not copied.
+#[derive(Deserialize)]
+struct RecordHead<'a> {
+    #[serde(borrow, with = "serde_bytes")]
+    _value: &'a [u8],
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
+}
+
+/// The revisions of `user_key`'s value, read without copying the value.
+fn get_revisions(state: &dyn StateRead, user_key: &[u8]) -> Result<Option<Revisions>, FsmError> {
+    let key = keys::data(user_key);
+    let Some(raw) = state.get_raw_ref(&key)? else {
+        return Ok(None);
+    };
+    let corrupt = |reason: String| FsmError::Corrupt {
+        key: key.clone(),
+        reason,
+    };
+    let (head, n): (RecordHead<'_>, usize) =
+        bincode::serde::borrow_decode_from_slice(&raw, bincode::config::standard())
+            .map_err(|e| corrupt(e.to_string()))?;
+    if n != raw.len() {
+        return Err(corrupt(format!("{} trailing bytes", raw.len() - n)));
+    }
+    Ok(Some(Revisions {
+        create_revision: head.create_revision,
+        mod_revision: head.mod_revision,
+        version: head.version,
+    }))
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, FsmError> {
@@ -503,7 +549,7 @@ fn put_mutation(
     index: u64,
     key: &[u8],
     value: &[u8],
-    overlay: &mut Vec<(Vec<u8>, Option<ValueRecord>)>,
+    overlay: &mut Vec<(Vec<u8>, Option<Revisions>)>,
 ) -> Result<(Mutation, u64), FsmError> {
     let prev = lookup(state, key, overlay)?;
     let rec = match &prev {
@@ -522,20 +568,25 @@ fn put_mutation(
     };
     let prev_rev = prev.map(|p| p.mod_revision).unwrap_or(0);
     let m = Mutation::Put(keys::data(key), encode(&rec)?);
-    overlay.push((key.to_vec(), Some(rec)));
+    let revs = Revisions {
+        create_revision: rec.create_revision,
+        mod_revision: rec.mod_revision,
+        version: rec.version,
+    };
+    overlay.push((key.to_vec(), Some(revs)));
     Ok((m, prev_rev))
 }
 
-/// Reads a key, seeing earlier ops of the same transaction first.
+/// Reads a key's revisions, seeing earlier ops of the same transaction first.
 fn lookup(
     state: &dyn StateRead,
     key: &[u8],
-    overlay: &[(Vec<u8>, Option<ValueRecord>)],
-) -> Result<Option<ValueRecord>, FsmError> {
+    overlay: &[(Vec<u8>, Option<Revisions>)],
+) -> Result<Option<Revisions>, FsmError> {
     if let Some((_, v)) = overlay.iter().rev().find(|(k, _)| k == key) {
-        return Ok(v.clone());
+        return Ok(*v);
     }
-    get_value(state, key)
+    get_revisions(state, key)
 }
 
 fn apply_command(
@@ -552,7 +603,9 @@ fn apply_command(
             expected_revision,
         } => {
             if let Some(expected) = expected_revision {
-                let actual = get_value(state, key)?.map(|r| r.mod_revision).unwrap_or(0);
+                let actual = get_revisions(state, key)?
+                    .map(|r| r.mod_revision)
+                    .unwrap_or(0);
                 if actual != *expected {
                     return Ok(Response::RevisionMismatch {
                         revision: index,
@@ -572,8 +625,8 @@ fn apply_command(
             key,
             expected_revision,
         } => {
-            let cur = get_value(state, key)?;
-            let actual = cur.as_ref().map(|r| r.mod_revision).unwrap_or(0);
+            let cur = get_revisions(state, key)?;
+            let actual = cur.map(|r| r.mod_revision).unwrap_or(0);
             if let Some(expected) = expected_revision {
                 if actual != *expected {
                     return Ok(Response::RevisionMismatch {
@@ -600,7 +653,10 @@ fn apply_command(
             for c in compares {
                 let holds = match c {
                     Compare::Revision { key, revision } => {
-                        get_value(state, key)?.map(|r| r.mod_revision).unwrap_or(0) == *revision
+                        get_revisions(state, key)?
+                            .map(|r| r.mod_revision)
+                            .unwrap_or(0)
+                            == *revision
                     }
                     Compare::Value { key, value } => get_value(state, key)?
                         .map(|r| r.value == *value)

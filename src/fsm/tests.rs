@@ -304,6 +304,61 @@ fn corrupt_record_is_an_error_not_a_panic() {
     assert!(matches!(r, Err(FsmError::Corrupt { .. })));
 }
 
+#[test]
+fn revisions_read_in_place_match_the_record_and_reject_damage() {
+    let rec = ValueRecord {
+        value: b"some value".to_vec(),
+        create_revision: 3,
+        mod_revision: 9,
+        version: 4,
+    };
+    let raw = crate::raft_types::encode(&rec).expect("encode");
+    let mut s = MemState::default();
+    s.0.insert(keys::data(b"a"), raw.clone());
+    assert_eq!(
+        get_revisions(&s, b"a").expect("read"),
+        Some(Revisions {
+            create_revision: 3,
+            mod_revision: 9,
+            version: 4
+        })
+    );
+    assert_eq!(get_revisions(&s, b"missing").expect("read"), None);
+
+    // Truncated, with trailing bytes, and with a value length past the end: every command that
+    // reads revisions answers Corrupt.
+    let mut long = raw.clone();
+    long.push(0);
+    let mut past_end = raw.clone();
+    past_end[0] = 200;
+    for bad in [raw[..raw.len() - 1].to_vec(), long, past_end] {
+        s.0.insert(keys::data(b"a"), bad);
+        let cmds = [
+            put("a", "1", None),
+            put("a", "1", Some(9)),
+            Command::Delete {
+                key: b"a".to_vec(),
+                expected_revision: None,
+            },
+            Command::Txn {
+                compares: vec![Compare::Revision {
+                    key: b"a".to_vec(),
+                    revision: 9,
+                }],
+                success: vec![],
+                failure: vec![],
+            },
+        ];
+        for cmd in cmds {
+            let r = apply(&s, 10, &Request::new("", cmd.clone()), Dedup::window(100));
+            assert!(
+                matches!(r, Err(FsmError::Corrupt { .. })),
+                "{cmd:?} on a damaged record: {r:?}"
+            );
+        }
+    }
+}
+
 // ---- model-based proptest ----
 
 #[derive(Debug, Clone)]
