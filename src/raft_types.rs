@@ -76,13 +76,28 @@ pub fn decode_prefix<T: serde::de::DeserializeOwned>(
 /// Decode bincode 2; trailing bytes are an error.
 pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, bincode::error::DecodeError> {
     let (v, n) = bincode::serde::decode_from_slice(b, bincode::config::standard())?;
+    whole(b, n)?;
+    Ok(v)
+}
+
+/// [`decode`] into a value that borrows from `b` (byte fields are not copied).
+pub fn decode_borrowed<'de, T: serde::Deserialize<'de>>(
+    b: &'de [u8],
+) -> Result<T, bincode::error::DecodeError> {
+    let (v, n) = bincode::serde::borrow_decode_from_slice(b, bincode::config::standard())?;
+    whole(b, n)?;
+    Ok(v)
+}
+
+/// Whether a decode of `b` that read `n` bytes consumed all of it.
+fn whole(b: &[u8], n: usize) -> Result<(), bincode::error::DecodeError> {
     if n != b.len() {
         return Err(bincode::error::DecodeError::OtherString(format!(
             "{} trailing bytes",
             b.len() - n
         )));
     }
-    Ok(v)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -421,16 +421,11 @@ fn get_revisions(state: &dyn StateRead, user_key: &[u8]) -> Result<Option<Revisi
     let Some(raw) = state.get_raw_ref(&key)? else {
         return Ok(None);
     };
-    let corrupt = |reason: String| FsmError::Corrupt {
-        key: key.clone(),
-        reason,
-    };
-    let (head, n): (RecordHead<'_>, usize) =
-        bincode::serde::borrow_decode_from_slice(&raw, bincode::config::standard())
-            .map_err(|e| corrupt(e.to_string()))?;
-    if n != raw.len() {
-        return Err(corrupt(format!("{} trailing bytes", raw.len() - n)));
-    }
+    let head: RecordHead<'_> =
+        crate::raft_types::decode_borrowed(&raw).map_err(|e| FsmError::Corrupt {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
     Ok(Some(Revisions {
         create_revision: head.create_revision,
         mod_revision: head.mod_revision,
