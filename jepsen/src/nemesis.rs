@@ -17,6 +17,10 @@ use tokio::runtime::Handle;
 
 use crate::env::Env;
 
+/// How long a fault aimed at the leader waits for the cluster to have one: several election
+/// timeouts, so only a cluster that cannot elect at all makes the fault fail to apply.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fault {
@@ -230,6 +234,21 @@ impl Nemesis {
         lock(&self.env).nodes.iter().position(|n| n.id == id)
     }
 
+    /// The leader, waiting for one while the cluster elects: a fault aimed at the leader often
+    /// starts right after the previous fault healed, when no node knows a leader yet.
+    fn wait_leader(&self) -> Result<usize> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            if Instant::now() >= deadline {
+                return Err(anyhow!("no leader within {LEADER_WAIT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Runs the schedule until `until`, returning the fault windows. `cycle`: apply the faults
     /// in the order given, round-robin, instead of drawing them at random.
     pub fn run(&mut self, faults: &[Fault], cycle: bool, until: Instant) -> Vec<Window> {
@@ -289,7 +308,7 @@ impl Nemesis {
                 Ok(format!("{:?} | {:?}", self.ids(a), self.ids(b)))
             }
             Fault::IsolateLeader => {
-                let l = self.leader().ok_or_else(|| anyhow!("no leader"))?;
+                let l = self.wait_leader()?;
                 let others: Vec<usize> = (0..n).filter(|&i| i != l).collect();
                 lock(&self.env).cut(&cross(&[l], &others))?;
                 Ok(format!("leader {:?} isolated", self.ids(&[l])))
@@ -329,7 +348,7 @@ impl Nemesis {
                 Ok(format!("killed {:?}", self.ids(victims)))
             }
             Fault::KillLeader => {
-                let l = self.leader().ok_or_else(|| anyhow!("no leader"))?;
+                let l = self.wait_leader()?;
                 lock(&self.env).kill(l);
                 Ok(format!("killed leader {:?}", self.ids(&[l])))
             }
@@ -339,12 +358,12 @@ impl Nemesis {
                 Ok(format!("paused {:?}", self.ids(&[v])))
             }
             Fault::PauseLeader => {
-                let l = self.leader().ok_or_else(|| anyhow!("no leader"))?;
+                let l = self.wait_leader()?;
                 lock(&self.env).pause(l);
                 Ok(format!("paused leader {:?}", self.ids(&[l])))
             }
             Fault::Membership => {
-                let l = self.leader().ok_or_else(|| anyhow!("no leader"))?;
+                let l = self.wait_leader()?;
                 let v = *all
                     .iter()
                     .find(|&&i| i != l)
