@@ -207,9 +207,10 @@ async fn pick_source(c: &Client) -> Result<Client> {
         .filter(|m| m.error.is_empty() && !m.client_addr.is_empty())
         .min_by_key(|m| rank(&m.role));
     match best {
-        Some(m) => Ok(Client::new(
+        Some(m) => Ok(Client::with_tls(
             std::slice::from_ref(&m.client_addr),
             Duration::from_secs(30),
+            c.tls(),
         )?),
         None => bail!("no member answered the status call"),
     }

@@ -84,13 +84,51 @@ pub struct Conn {
     /// Per-request timeout in milliseconds.
     #[arg(long, global = true, default_value_t = 15000)]
     pub timeout_ms: u64,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// TLS towards the client port. Given a CA, connections are TLS and the nodes' certificates
+/// must carry the endpoint's host name or IP address.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClientTlsArgs {
+    /// PEM CA bundle that signed the nodes' certificates: turns TLS on.
+    #[arg(long, global = true, env = "METARAFT_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for clusters that require one (tls.client_auth); needs --key-file.
+    #[arg(long, global = true, env = "METARAFT_CERT_FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of --cert-file.
+    #[arg(long, global = true, env = "METARAFT_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    /// The rustls client configuration these flags ask for; None for plaintext.
+    pub fn config(&self) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>> {
+        let Some(ca) = &self.ca_file else {
+            if self.cert_file.is_some() {
+                anyhow::bail!(
+                    "--cert-file needs --ca-file (the CA that signed the nodes' certificates)"
+                );
+            }
+            return Ok(None);
+        };
+        let roots = metaraft::tls::load_roots(ca)?;
+        let identity = match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        Ok(Some(metaraft::tls::client_config(roots, identity)?))
+    }
 }
 
 impl Conn {
     pub fn client(&self) -> Result<Client> {
-        Ok(Client::new(
+        Ok(Client::with_tls(
             &self.endpoints,
             Duration::from_millis(self.timeout_ms),
+            self.tls.config()?,
         )?)
     }
 }
@@ -124,6 +162,19 @@ pub struct ServeArgs {
     /// Async runtime threads (config key runtime_threads; 0: automatic).
     #[arg(long)]
     pub runtime_threads: Option<usize>,
+    /// This node's PEM certificate (config key tls.cert_file; with --tls-key-file and
+    /// --tls-ca-file: TLS on the client port, mutual TLS on the peer port).
+    #[arg(long)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its PEM private key (config key tls.key_file).
+    #[arg(long)]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA bundle that verifies peers, and clients with --tls-client-auth (tls.ca_file).
+    #[arg(long)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Require client certificates on the client port (config key tls.client_auth).
+    #[arg(long)]
+    pub tls_client_auth: bool,
     /// Override raft.snapshot_logs_since_last.
     #[arg(long)]
     pub snapshot_logs_since_last: Option<u64>,
@@ -329,6 +380,18 @@ pub fn build_config(a: &ServeArgs) -> Result<Config> {
     }
     if let Some(v) = a.runtime_threads {
         c.runtime_threads = v;
+    }
+    if let Some(v) = &a.tls_cert_file {
+        c.tls.cert_file = v.clone();
+    }
+    if let Some(v) = &a.tls_key_file {
+        c.tls.key_file = v.clone();
+    }
+    if let Some(v) = &a.tls_ca_file {
+        c.tls.ca_file = v.clone();
+    }
+    if a.tls_client_auth {
+        c.tls.client_auth = true;
     }
     if let Some(v) = a.snapshot_logs_since_last {
         c.raft.snapshot_logs_since_last = v;

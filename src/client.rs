@@ -2,6 +2,7 @@
 //! Used by the CLI, `metaraft bench` and the cluster tests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
@@ -46,8 +47,23 @@ pub enum ClientError {
     NoEndpoints,
     #[error("bad endpoint {0:?}: {1}")]
     BadEndpoint(String, String),
-    #[error("{}: {}", .0.code(), .0.message())]
+    #[error("{}: {}{}", .0.code(), .0.message(), root_cause(.0))]
     Status(Box<Status>),
+}
+
+/// ": <innermost cause>" of a status that carries one (a transport failure says only
+/// "transport error" on its own; the cause is e.g. the TLS alert), else "".
+fn root_cause(s: &Status) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    let mut last = None;
+    while let Some(c) = cause {
+        last = Some(c);
+        cause = c.source();
+    }
+    match last.map(|c| c.to_string()) {
+        Some(t) if !t.is_empty() && !s.message().contains(&t) => format!(" ({t})"),
+        _ => String::new(),
+    }
 }
 
 impl From<Status> for ClientError {
@@ -70,6 +86,7 @@ pub struct Client {
     channels: Vec<Channel>,
     next: AtomicUsize,
     timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A new request id, so retries of one logical write are recognised: 32 hex digits, the wall
@@ -103,19 +120,35 @@ fn retryable(s: &Status) -> bool {
 impl Client {
     /// `endpoints`: `host:port` of client ports. Channels connect lazily.
     pub fn new(endpoints: &[String], timeout: Duration) -> Result<Client, ClientError> {
+        Self::with_tls(endpoints, timeout, None)
+    }
+
+    /// [`Client::new`], over TLS when `tls` is given (see `crate::tls::client_config`).
+    pub fn with_tls(
+        endpoints: &[String],
+        timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, ClientError> {
         if endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
         let mut channels = Vec::new();
         for e in endpoints {
-            channels.push(channel(e, timeout)?);
+            channels.push(channel_tls(e, timeout, tls.clone())?);
         }
         Ok(Client {
             endpoints: endpoints.to_vec(),
             channels,
             next: AtomicUsize::new(0),
             timeout,
+            tls,
         })
+    }
+
+    /// The TLS configuration this client dials with (None: plaintext), for a client of another
+    /// endpoint of the same cluster.
+    pub fn tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls.clone()
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -437,103 +470,38 @@ impl Client {
     }
 }
 
-/// A lazily connected HTTP/2 channel to `endpoint` (`host:port`), dialled by [`Dialer`]; each
-/// call times out after `timeout`. Also what `metaraft bench` drives etcd over, so both systems
-/// are measured through the same client transport.
+/// A lazily connected plaintext HTTP/2 channel to `endpoint` (`host:port`); each call times out
+/// after `timeout`. Also what `metaraft bench` drives etcd over, so both systems are measured
+/// through the same client transport.
 pub fn channel(endpoint: &str, timeout: Duration) -> Result<Channel, ClientError> {
+    channel_tls(endpoint, timeout, None)
+}
+
+/// [`channel`], over TLS when `tls` is given (the endpoint's host must be in the node's
+/// certificate). Dialled by [`crate::net::dial::Dialer`], which coalesces small requests.
+pub fn channel_tls(
+    endpoint: &str,
+    timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Channel, ClientError> {
     let ep = Endpoint::from_shared(format!("http://{endpoint}"))
         .map_err(|err| ClientError::BadEndpoint(endpoint.to_string(), err.to_string()))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(timeout);
-    Ok(ep.connect_with_connector_lazy(Dialer))
-}
-
-/// Dials client connections whose small requests the HTTP/2 layer can coalesce.
-///
-/// h2 copies a DATA frame into its write buffer only when the payload is under a threshold: 256
-/// bytes on a transport that says it writes vectored, 1,024 bytes on one that does not. Above it,
-/// the payload is chained and the frame is written on its own. A put of a 256-byte value is about
-/// 300 bytes, so on a plain `TcpStream` every request cost its own `writev` (and its own TCP
-/// segment, wake-up and receive on the server): 1.1 syscalls per request at 64 in flight. Saying
-/// "not vectored" lets h2 pack every request queued in one poll into one write. Payloads over
-/// 1,024 bytes still go out unbuffered, as two writes instead of one `writev`.
-#[derive(Clone, Copy, Debug, Default)]
-struct Dialer;
-
-impl tower_service::Service<http::Uri> for Dialer {
-    type Response = CoalescingIo;
-    type Error = std::io::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::io::Result<CoalescingIo>> + Send + 'static>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
+    if tls.is_some() {
+        // Refuse a host no certificate could name before any call is made.
+        let host = ep.uri().host().unwrap_or_default();
+        crate::tls::server_name(host)
+            .map_err(|err| ClientError::BadEndpoint(endpoint.to_string(), err.to_string()))?;
     }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        Box::pin(async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| std::io::Error::other(format!("endpoint {uri} has no host")))?;
-            // IPv6 literals come bracketed in a URI and must not be for a socket address.
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let port = uri.port_u16().unwrap_or(80);
-            let stream = tokio::net::TcpStream::connect((host, port)).await?;
-            stream.set_nodelay(true)?;
-            Ok(CoalescingIo(hyper_util::rt::TokioIo::new(stream)))
-        })
-    }
-}
-
-/// A TCP stream that tells h2 it does not write vectored (see [`Dialer`]).
-struct CoalescingIo(hyper_util::rt::TokioIo<tokio::net::TcpStream>);
-
-impl hyper::rt::Read for CoalescingIo {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for CoalescingIo {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        false
-    }
+    Ok(ep.connect_with_connector_lazy(crate::net::dial::Dialer {
+        tls,
+        coalesce: true,
+    }))
 }
 
 #[cfg(test)]
 mod tests {
-    use tower_service::Service;
-
     use super::*;
 
     #[test]
@@ -552,34 +520,6 @@ mod tests {
         let last = u64::from_str_radix(&later[..16], 16).expect("hex");
         assert!(last > first, "{later} after {}", ids[0]);
         assert!(later > ids[0], "ids sort by time");
-    }
-
-    #[tokio::test]
-    async fn dialer_reaches_ipv4_and_bracketed_ipv6_hosts_and_reports_refusals() {
-        let v4 = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = v4.local_addr().expect("addr").port();
-        let uri: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
-        let io = Dialer.call(uri).await.expect("dial ipv4");
-        assert!(!hyper::rt::Write::is_write_vectored(&io));
-        assert!(io.0.inner().nodelay().expect("nodelay"));
-        let (peer, _) = v4.accept().await.expect("accept");
-        assert_eq!(
-            peer.peer_addr().expect("peer").port(),
-            io.0.inner().local_addr().expect("local").port()
-        );
-        // Machines without IPv6 loopback skip this half.
-        if let Ok(v6) = tokio::net::TcpListener::bind("[::1]:0").await {
-            let port = v6.local_addr().expect("addr").port();
-            let uri: http::Uri = format!("http://[::1]:{port}").parse().expect("uri");
-            Dialer.call(uri).await.expect("dial bracketed ipv6");
-        }
-        // A port nobody listens on: the dial fails with the OS's refusal, not a panic.
-        drop(v4);
-        let uri: http::Uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
-        let err = Dialer.call(uri).await.err().expect("refused");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 
     #[test]

@@ -51,6 +51,43 @@ pub struct Config {
     pub runtime_threads: usize,
     pub raft: RaftConfig,
     pub limits: Limits,
+    pub tls: TlsConfig,
+}
+
+/// TLS on the client port and mutual TLS on the peer port. Off (plaintext, the default) when
+/// all three files are empty; on when all three are set. Every member of a cluster must agree.
+/// The ops port (/healthz, /readyz, /metrics) stays plain HTTP. Certificates are read at start:
+/// to rotate them, replace the files and restart the nodes one at a time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of this node (leaf first). Served on both ports and presented to
+    /// peers as a client certificate, so it must carry the host part of this node's peer_addr
+    /// (DNS name or IP address) in its subject alternative names, and the names clients use
+    /// for the client port. Default empty.
+    pub cert_file: PathBuf,
+    /// PEM private key of cert_file (PKCS#8, PKCS#1 or SEC1). Default empty.
+    pub key_file: PathBuf,
+    /// PEM CA bundle. Peers' certificates are verified against it in both directions, and
+    /// client certificates too when client_auth is set. Default empty.
+    pub ca_file: PathBuf,
+    /// Require clients of the client port to present a certificate signed by ca_file.
+    /// Default false: any client that trusts this node's certificate may connect.
+    pub client_auth: bool,
+}
+
+impl TlsConfig {
+    /// The three files, when TLS is on (validate() checks they come together).
+    pub fn files(&self) -> Option<crate::tls::TlsFiles> {
+        if self.cert_file.as_os_str().is_empty() {
+            return None;
+        }
+        Some(crate::tls::TlsFiles {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            ca_file: self.ca_file.clone(),
+        })
+    }
 }
 
 /// Raft timing and log retention. Defaults chosen for a LAN of 3-5 nodes with fsync ~1 ms.
@@ -113,6 +150,7 @@ impl Default for Config {
             runtime_threads: 0,
             raft: RaftConfig::default(),
             limits: Limits::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -365,6 +403,35 @@ impl Config {
                 reason: "must be > 0".into(),
             });
         }
+        let t = &self.tls;
+        let set = [
+            ("tls.cert_file", &t.cert_file),
+            ("tls.key_file", &t.key_file),
+            ("tls.ca_file", &t.ca_file),
+        ];
+        let given = set
+            .iter()
+            .filter(|(_, p)| !p.as_os_str().is_empty())
+            .count();
+        if given != 0 && given != set.len() {
+            let (key, _) = set
+                .iter()
+                .find(|(_, p)| p.as_os_str().is_empty())
+                .copied()
+                .unwrap_or(set[0]);
+            return Err(ConfigError::Invalid {
+                key,
+                reason: "TLS needs all of tls.cert_file, tls.key_file and tls.ca_file (the \
+                         peer port is always mutual TLS)"
+                    .into(),
+            });
+        }
+        if given == 0 && t.client_auth {
+            return Err(ConfigError::Invalid {
+                key: "tls.client_auth",
+                reason: "needs tls.cert_file, tls.key_file and tls.ca_file".into(),
+            });
+        }
         let l = &self.limits;
         if l.max_key_bytes == 0
             || l.max_value_bytes == 0
@@ -439,6 +506,30 @@ mod tests {
             .expect_err("bad")
             .to_string()
             .contains("does not include"));
+    }
+
+    #[test]
+    fn tls_files_come_together() {
+        let mut c = valid();
+        assert!(c.tls.files().is_none());
+        c.tls.cert_file = "node.pem".into();
+        c.tls.key_file = "node.key".into();
+        let e = c.validate().expect_err("no CA").to_string();
+        assert!(e.contains("tls.ca_file"), "{e}");
+        c.tls.ca_file = "ca.pem".into();
+        c.validate().expect("all three");
+        assert!(c.tls.files().is_some());
+        let mut c = valid();
+        c.tls.client_auth = true;
+        let e = c.validate().expect_err("client_auth alone").to_string();
+        assert!(e.contains("tls.client_auth"), "{e}");
+        let c = Config::from_toml(
+            "node_id = 1\n[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nca_file = \"c\"\nclient_auth = true\n",
+        )
+        .expect("tls table");
+        c.validate().expect("valid tls table");
+        let e = Config::from_toml("node_id = 1\n[tls]\ncert = \"a\"\n").expect_err("typo");
+        assert!(e.contains("cert"), "{e}");
     }
 
     #[test]

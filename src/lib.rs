@@ -10,7 +10,8 @@
 //!                    api/meta.rs); errors -> gRPC status in api/status.rs
 //! consensus/         openraft handle, write forwarding and proposal batching, read paths
 //!                    (read-index, session, stale), membership
-//! net/               peer transport: Raft RPCs and snapshot streaming over gRPC (tonic)
+//! net/               peer transport: Raft RPCs and snapshot streaming over gRPC (tonic); the
+//!                    dialer of every outgoing connection; TLS listeners (net/tls.rs)
 //! fsm/               deterministic state machine: apply(state, index, command) -> (mutations, response)
 //! fsm/meta/          the metadata domain: records, apply rules, secondary indexes, queries, RBAC index
 //! storage/           the only RocksDB user: log store (group commit), state-machine store, checkpoints
@@ -18,6 +19,7 @@
 //! fsutil.rs          file helpers shared by snapshot and backup streaming
 //! raft_types.rs      openraft type configuration and the bincode codec
 //! config.rs          TOML config with documented defaults and validate()
+//! tls.rs             PEM files -> rustls configurations (client port TLS, peer port mTLS)
 //! ops.rs / metrics.rs HTTP ops port: /healthz, /readyz, /metrics
 //! client.rs          client library used by the CLI, the bench tool and tests
 //! backup/            backup files (bases, log segments), verify, list, restore; no gRPC
@@ -37,6 +39,7 @@ pub mod ops;
 pub mod raft_types;
 pub mod server;
 pub mod storage;
+pub mod tls;
 
 /// Generated protobuf code.
 pub mod pb {

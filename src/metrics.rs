@@ -74,6 +74,9 @@ pub struct Metrics {
     pub snapshots_received: AtomicU64,
     pub replicated_entries: AtomicU64,
     pub replicated_bytes: AtomicU64,
+    /// TLS handshakes that failed or timed out, on the client and the peer port.
+    tls_failed_client: AtomicU64,
+    tls_failed_peer: AtomicU64,
     fsync_latency: Histogram,
     fsync_batch: Histogram,
     forward_batch: Histogram,
@@ -95,6 +98,8 @@ impl Default for Metrics {
             snapshots_received: AtomicU64::new(0),
             replicated_entries: AtomicU64::new(0),
             replicated_bytes: AtomicU64::new(0),
+            tls_failed_client: AtomicU64::new(0),
+            tls_failed_peer: AtomicU64::new(0),
             fsync_latency: Histogram::new(LATENCY_BUCKETS.len()),
             fsync_batch: Histogram::new(BATCH_BUCKETS.len()),
             forward_batch: Histogram::new(BATCH_BUCKETS.len()),
@@ -119,6 +124,16 @@ impl Metrics {
     /// Records one proposal this node made to its Raft core, of `writes` writes.
     pub fn observe_propose_batch(&self, writes: usize) {
         self.propose_batch.observe(&BATCH_BUCKETS, writes as f64);
+    }
+
+    /// Counts a TLS handshake that failed or timed out on `port` ("client" or "peer").
+    pub fn tls_handshake_failed(&self, port: &str) {
+        let c = if port == "peer" {
+            &self.tls_failed_peer
+        } else {
+            &self.tls_failed_client
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records one client RPC: `code` is "ok" or the gRPC code name.
@@ -197,6 +212,12 @@ impl Metrics {
             "metaraft_last_log_index",
             "Last log index in the local log.",
             self.last_log_index.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP metaraft_tls_handshake_failures_total TLS handshakes that failed or timed out, by port.\n# TYPE metaraft_tls_handshake_failures_total counter\nmetaraft_tls_handshake_failures_total{{port=\"client\"}} {}\nmetaraft_tls_handshake_failures_total{{port=\"peer\"}} {}",
+            self.tls_failed_client.load(Ordering::Relaxed),
+            self.tls_failed_peer.load(Ordering::Relaxed)
         );
         let _ = writeln!(out, "# HELP metaraft_log_fsync_seconds Latency of one log WAL fsync.\n# TYPE metaraft_log_fsync_seconds histogram");
         self.fsync_latency

@@ -35,6 +35,8 @@ pub enum ServerError {
     },
     #[error("raft: {0}")]
     Raft(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A running node. Drop or call `shutdown` to stop it.
@@ -64,9 +66,39 @@ fn incoming(l: TcpListener, addr: &str) -> Result<TcpIncoming, ServerError> {
     })
 }
 
+/// Serves `router` on `plain`'s connections, through TLS handshakes when `tls` is given, until
+/// `shutdown` changes. `port` names the listener in logs and metrics.
+async fn serve_port(
+    router: tonic::transport::server::Router,
+    plain: TcpIncoming,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    port: &'static str,
+    metrics: Arc<Metrics>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    let r = match tls {
+        None => router.serve_with_incoming_shutdown(plain, stop).await,
+        Some(cfg) => {
+            let conns = crate::net::tls::incoming(plain, cfg, port, metrics);
+            router.serve_with_incoming_shutdown(conns, stop).await
+        }
+    };
+    if let Err(e) = r {
+        tracing::error!(port, error = %e, "gRPC server stopped");
+    }
+}
+
 impl Server {
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
+        // Every TLS file is read and checked before anything is bound or opened.
+        let tls = match config.tls.files() {
+            None => None,
+            Some(files) => Some(crate::tls::NodeTls::load(&files, config.tls.client_auth)?),
+        };
         let rcfg = Arc::new(raft_config(&config).map_err(ServerError::RaftConfig)?);
         std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
             path: config.data_dir.clone(),
@@ -85,7 +117,10 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let log = LogStore::open(&config.data_dir.join("log"), metrics.clone())?;
         let sm = StateMachineStore::open(&config.data_dir, config.raft.dedup_window)?;
-        let pool = Arc::new(PeerPool::new(sm.lineage()));
+        let pool = Arc::new(PeerPool::new(
+            sm.lineage(),
+            tls.as_ref().map(|t| t.peer_dialer.clone()),
+        ));
         let factory = NetworkFactory {
             self_id: config.node_id,
             pool: pool.clone(),
@@ -129,19 +164,17 @@ impl Server {
                 .max_encoding_message_size(MAX_PEER_MESSAGE),
             crate::net::CheckLineage(node.sm.lineage()),
         );
-        let mut rx = shutdown_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(peer_svc)
-                .serve_with_incoming_shutdown(peer_l, async move {
-                    let _ = rx.changed().await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "peer server stopped");
-            }
-        }));
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(peer_svc);
+        tasks.push(tokio::spawn(serve_port(
+            router,
+            peer_l,
+            tls.as_ref().map(|t| t.peer_port.clone()),
+            "peer",
+            metrics.clone(),
+            shutdown_rx.clone(),
+        )));
 
         let max_req = config.limits.max_request_bytes;
         let kv = crate::pb::kv_server::KvServer::new(Api { node: node.clone() })
@@ -156,24 +189,22 @@ impl Server {
             node: node.clone(),
             log,
         });
-        let mut rx = shutdown_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(kv)
-                .add_service(cluster)
-                .add_service(backup)
-                .add_service(metadata)
-                .add_service(identity)
-                .add_service(rbac)
-                .serve_with_incoming_shutdown(client_l, async move {
-                    let _ = rx.changed().await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "client server stopped");
-            }
-        }));
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(kv)
+            .add_service(cluster)
+            .add_service(backup)
+            .add_service(metadata)
+            .add_service(identity)
+            .add_service(rbac);
+        tasks.push(tokio::spawn(serve_port(
+            router,
+            client_l,
+            tls.as_ref().map(|t| t.client_port.clone()),
+            "client",
+            metrics.clone(),
+            shutdown_rx.clone(),
+        )));
 
         if let Some(l) = ops_l {
             tasks.push(tokio::spawn(crate::ops::serve(

@@ -7,8 +7,10 @@
 //! - [`snapshot`]: streaming a checkpoint directory in CRC-checked chunks and receiving it into a
 //!   temporary directory that is fsync'd and renamed before openraft installs it.
 
+pub mod dial;
 pub mod service;
 pub mod snapshot;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -56,6 +58,8 @@ pub struct PeerPool {
     /// This node's cluster lineage id, stamped on every outgoing peer request (shared with the
     /// state machine, which updates it).
     pub lineage: Lineage,
+    /// Mutual TLS towards peers (this node's certificate, the cluster CA); None: plaintext.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// The cluster lineage id cell: empty until the first membership entry is applied.
@@ -115,10 +119,11 @@ pub type PeerConn =
     PeerClient<tonic::service::interceptor::InterceptedService<Channel, StampLineage>>;
 
 impl PeerPool {
-    pub fn new(lineage: Lineage) -> PeerPool {
+    pub fn new(lineage: Lineage, tls: Option<std::sync::Arc<rustls::ClientConfig>>) -> PeerPool {
         PeerPool {
             channels: Mutex::default(),
             lineage,
+            tls,
         }
     }
 
@@ -141,7 +146,10 @@ impl PeerPool {
             .keep_alive_timeout(Duration::from_secs(5))
             .initial_connection_window_size(Some(8 << 20))
             .initial_stream_window_size(Some(4 << 20));
-        let ch = ep.connect_lazy();
+        let ch = ep.connect_with_connector_lazy(dial::Dialer {
+            tls: self.tls.clone(),
+            coalesce: false,
+        });
         m.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

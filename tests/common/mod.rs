@@ -55,17 +55,29 @@ pub struct TestCluster {
     pub nodes: Vec<NodeSpec>,
     pub procs: Vec<Option<Child>>,
     pub extra_args: Vec<String>,
+    /// What the helpers' clients dial with (None: plaintext).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl TestCluster {
     /// Starts `n` initial members.
     pub fn start(n: usize, extra_args: &[&str]) -> TestCluster {
+        Self::start_with(n, extra_args, None)
+    }
+
+    /// [`TestCluster::start`] with the helpers' clients dialling over TLS.
+    pub fn start_with(
+        n: usize,
+        extra_args: &[&str],
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut c = TestCluster {
             dir,
             nodes: Vec::new(),
             procs: Vec::new(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            tls,
         };
         for i in 0..n {
             c.add_spec(i as u64 + 1, true);
@@ -156,12 +168,18 @@ impl TestCluster {
     }
 
     pub fn client(&self) -> Client {
-        Client::new(&self.endpoints(), Duration::from_secs(15)).expect("client")
+        Client::with_tls(&self.endpoints(), Duration::from_secs(15), self.tls.clone())
+            .expect("client")
     }
 
     /// A client that talks to node `i` only.
     pub fn client_at(&self, i: usize) -> Client {
-        Client::new(&[self.nodes[i].client.clone()], Duration::from_secs(15)).expect("client")
+        Client::with_tls(
+            &[self.nodes[i].client.clone()],
+            Duration::from_secs(15),
+            self.tls.clone(),
+        )
+        .expect("client")
     }
 
     pub fn live(&self) -> Vec<usize> {

@@ -1,0 +1,279 @@
+//! TLS material: PEM files in, rustls configurations out. No sockets here: the listeners and
+//! the dialer that use these configurations live in `net::tls` and `net::dial`.
+//!
+//! - Client port: TLS with this node's certificate; client certificates are verified against
+//!   the CA when `tls.client_auth` is set (and then required).
+//! - Peer port: mutual TLS. Every node presents its certificate on both ends of a peer
+//!   connection, and each end verifies the other against the CA. A peer is checked against the
+//!   host part of the address it is dialled at (a DNS name or an IP address in the certificate's
+//!   subject alternative names).
+//!
+//! ring is the one crypto provider, passed explicitly: nothing depends on a process-wide default.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// What HTTP/2 over TLS is called in ALPN.
+const ALPN_H2: &[u8] = b"h2";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}: {reason}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{what} {path} holds no PEM certificate")]
+    NoCertificate { what: &'static str, path: PathBuf },
+    #[error("CA file {path}: no usable CA certificate ({reason})")]
+    BadCa { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("{host:?} cannot be checked against a certificate (not a DNS name or IP address)")]
+    ServerName { host: String },
+}
+
+/// The three PEM files of a node (or of a client that presents a certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+fn read_err(what: &'static str, path: &Path) -> impl Fn(rustls::pki_types::pem::Error) -> TlsError {
+    let path = path.to_path_buf();
+    move |e| TlsError::Read {
+        what,
+        path: path.clone(),
+        reason: e.to_string(),
+    }
+}
+
+/// Every certificate in a PEM file, in order (a chain: leaf first).
+pub fn load_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(read_err(what, path))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read_err(what, path))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            what,
+            path: path.into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The first private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(read_err("key file", path))
+}
+
+/// The CA certificates of a PEM bundle as trust roots; refuses a bundle with none usable.
+pub fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs("CA file", path)? {
+        roots.add(c).map_err(|e| TlsError::BadCa {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn config_err(e: impl std::fmt::Display) -> TlsError {
+    TlsError::Config(e.to_string())
+}
+
+/// A server configuration for a node's listener. `client_ca`: verify client certificates
+/// against these roots and refuse connections without one; `None`: no client certificates.
+pub fn server_config(
+    files: &TlsFiles,
+    client_ca: Option<Arc<RootCertStore>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = load_certs("certificate file", &files.cert_file)?;
+    let key = load_key(&files.key_file)?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(config_err)?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(roots) => builder.with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .build()
+                .map_err(config_err)?,
+        ),
+    };
+    let mut cfg = builder.with_single_cert(certs, key).map_err(|e| {
+        TlsError::Config(format!(
+            "{} and {} do not make a usable identity: {e}",
+            files.cert_file.display(),
+            files.key_file.display()
+        ))
+    })?;
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A client configuration that trusts `roots` and, with `identity` (certificate file, key
+/// file), presents that certificate.
+pub fn client_config(
+    roots: Arc<RootCertStore>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(config_err)?
+        .with_root_certificates(roots);
+    let mut cfg = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs("certificate file", cert)?, load_key(key)?)
+            .map_err(|e| {
+                TlsError::Config(format!(
+                    "{} and {} do not make a usable identity: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            })?,
+    };
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The TLS configurations of one node: its two listeners and its peer dialer.
+#[derive(Clone)]
+pub struct NodeTls {
+    pub client_port: Arc<ServerConfig>,
+    pub peer_port: Arc<ServerConfig>,
+    pub peer_dialer: Arc<ClientConfig>,
+}
+
+impl NodeTls {
+    /// Loads and checks every file once, so a bad file stops the node before it binds anything.
+    pub fn load(files: &TlsFiles, client_auth: bool) -> Result<NodeTls, TlsError> {
+        let roots = load_roots(&files.ca_file)?;
+        Ok(NodeTls {
+            client_port: server_config(files, client_auth.then(|| roots.clone()))?,
+            peer_port: server_config(files, Some(roots.clone()))?,
+            peer_dialer: client_config(roots, Some((&files.cert_file, &files.key_file)))?,
+        })
+    }
+}
+
+/// The name a dialled host's certificate must carry: an IP address or a DNS name.
+pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName {
+        host: host.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, body).expect("write");
+        p
+    }
+
+    /// A CA and a leaf it signed, as PEM.
+    fn ca_and_leaf() -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&key, &ca_cert, &ca_key)
+            .expect("leaf");
+        (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn a_node_loads_good_files_and_names_the_bad_one() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let (ca, cert, key) = ca_and_leaf();
+        let files = TlsFiles {
+            cert_file: write(d.path(), "node.pem", &cert),
+            key_file: write(d.path(), "node.key", &key),
+            ca_file: write(d.path(), "ca.pem", &ca),
+        };
+        NodeTls::load(&files, true).expect("good files load");
+
+        let missing = TlsFiles {
+            ca_file: d.path().join("nope.pem"),
+            ..files.clone()
+        };
+        let e = NodeTls::load(&missing, false).err().expect("missing CA");
+        assert!(e.to_string().contains("nope.pem"), "{e}");
+
+        let garbage = write(d.path(), "garbage.pem", "not a certificate\n");
+        let e = NodeTls::load(
+            &TlsFiles {
+                cert_file: garbage.clone(),
+                ..files.clone()
+            },
+            false,
+        )
+        .err()
+        .expect("garbage certificate");
+        assert!(e.to_string().contains("garbage.pem"), "{e}");
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+
+        let e = NodeTls::load(
+            &TlsFiles {
+                key_file: garbage.clone(),
+                ..files.clone()
+            },
+            false,
+        )
+        .err()
+        .expect("garbage key");
+        assert!(e.to_string().contains("garbage.pem"), "{e}");
+
+        // A key that is not the certificate's: refused at load, not at the first handshake.
+        let (_, _, other_key) = ca_and_leaf();
+        let e = NodeTls::load(
+            &TlsFiles {
+                key_file: write(d.path(), "other.key", &other_key),
+                ..files.clone()
+            },
+            false,
+        )
+        .err()
+        .expect("mismatched key");
+        assert!(e.to_string().contains("usable identity"), "{e}");
+
+        // A truncated PEM block is an error too, not an empty list.
+        let cut = &cert[..cert.len() / 2];
+        let e = load_certs("certificate file", &write(d.path(), "cut.pem", cut))
+            .expect_err("truncated");
+        assert!(e.to_string().contains("cut.pem"), "{e}");
+    }
+
+    #[test]
+    fn server_names_accept_ips_and_dns_names_only() {
+        assert!(server_name("127.0.0.1").is_ok());
+        assert!(server_name("[::1]").is_ok());
+        assert!(server_name("node-1.metaraft.svc").is_ok());
+        assert!(server_name("bad host").is_err());
+    }
+}
