@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// (see docs/benchmarks.md).
     #[arg(long, value_enum, default_value = "kv")]
     pub workload: crate::bench_meta::Workload,
+    /// TLS towards metaraft's client port (as for every client subcommand); etcd is plaintext.
+    #[command(flatten)]
+    pub tls: crate::cli::ClientTlsArgs,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq)]
@@ -97,10 +100,14 @@ where
 }
 
 impl Conn {
-    async fn connect(target: Target, endpoint: &str) -> Result<Conn> {
+    async fn connect(
+        target: Target,
+        endpoint: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Conn> {
         Ok(match target {
             Target::Metaraft => Conn::Metaraft(
-                Client::new(&[endpoint.to_string()], Duration::from_secs(10))?.kv_at(0),
+                Client::with_tls(&[endpoint.to_string()], Duration::from_secs(10), tls)?.kv_at(0),
             ),
             Target::Etcd => Conn::Etcd(tonic::client::Grpc::new(metaraft::client::channel(
                 endpoint,
@@ -179,6 +186,7 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
             bail!("--concurrency and --duration must be > 0");
         }
         let o = crate::bench_meta::Opts {
+            tls: a.tls.config()?,
             endpoints: a.endpoints.clone(),
             concurrency: a.concurrency,
             duration: a.duration,
@@ -193,9 +201,13 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
         bail!("--read-ratio must be between 0 and 1");
     }
     // One connection per endpoint: workers are spread evenly so reads hit every node.
+    let tls = a.tls.config()?;
+    if tls.is_some() && a.target != Target::Metaraft {
+        bail!("--ca-file: TLS is for --target metaraft only");
+    }
     let mut conns = Vec::new();
     for e in &a.endpoints {
-        conns.push(Conn::connect(a.target, e).await?);
+        conns.push(Conn::connect(a.target, e, tls.clone()).await?);
     }
     let value = vec![b'x'; a.value_size];
     if a.preload {

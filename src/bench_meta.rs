@@ -298,6 +298,7 @@ async fn one_run(
 }
 
 pub struct Opts {
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub endpoints: Vec<String>,
     pub concurrency: usize,
     pub duration: u64,
@@ -305,7 +306,11 @@ pub struct Opts {
 }
 
 pub async fn run(workload: Workload, o: Opts) -> Result<std::process::ExitCode> {
-    let c = Arc::new(Client::new(&o.endpoints, Duration::from_secs(30))?);
+    let c = Arc::new(Client::with_tls(
+        &o.endpoints,
+        Duration::from_secs(30),
+        o.tls.clone(),
+    )?);
     let tag = format!("{:x}", rand::random::<u32>());
     let w = Arc::new(world(&c, &tag).await?);
     let mut start = Instant::now();

@@ -175,6 +175,9 @@ pub struct ServeArgs {
     /// Require client certificates on the client port (config key tls.client_auth).
     #[arg(long)]
     pub tls_client_auth: bool,
+    /// PEM CA bundle that verifies client certificates (tls.client_ca_file; default: the CA).
+    #[arg(long)]
+    pub tls_client_ca_file: Option<PathBuf>,
     /// Override raft.snapshot_logs_since_last.
     #[arg(long)]
     pub snapshot_logs_since_last: Option<u64>,
@@ -392,6 +395,9 @@ pub fn build_config(a: &ServeArgs) -> Result<Config> {
     }
     if a.tls_client_auth {
         c.tls.client_auth = true;
+    }
+    if let Some(v) = &a.tls_client_ca_file {
+        c.tls.client_ca_file = v.clone();
     }
     if let Some(v) = a.snapshot_logs_since_last {
         c.raft.snapshot_logs_since_last = v;

@@ -68,12 +68,16 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// PEM private key of cert_file (PKCS#8, PKCS#1 or SEC1). Default empty.
     pub key_file: PathBuf,
-    /// PEM CA bundle. Peers' certificates are verified against it in both directions, and
-    /// client certificates too when client_auth is set. Default empty.
+    /// PEM CA bundle that signed the members' certificates: peers are verified against it in
+    /// both directions. Default empty.
     pub ca_file: PathBuf,
-    /// Require clients of the client port to present a certificate signed by ca_file.
+    /// Require clients of the client port to present a certificate signed by client_ca_file.
     /// Default false: any client that trusts this node's certificate may connect.
     pub client_auth: bool,
+    /// PEM CA bundle that verifies client certificates (client_auth). Default empty: ca_file.
+    /// Give clients their own CA: a certificate that ca_file verifies is accepted on the peer
+    /// port, so clients with certificates from ca_file could speak to it as members do.
+    pub client_ca_file: PathBuf,
 }
 
 impl TlsConfig {
@@ -86,6 +90,11 @@ impl TlsConfig {
             cert_file: self.cert_file.clone(),
             key_file: self.key_file.clone(),
             ca_file: self.ca_file.clone(),
+            client_ca_file: if self.client_ca_file.as_os_str().is_empty() {
+                self.ca_file.clone()
+            } else {
+                self.client_ca_file.clone()
+            },
         })
     }
 }
@@ -432,6 +441,12 @@ impl Config {
                 reason: "needs tls.cert_file, tls.key_file and tls.ca_file".into(),
             });
         }
+        if !t.client_ca_file.as_os_str().is_empty() && !t.client_auth {
+            return Err(ConfigError::Invalid {
+                key: "tls.client_ca_file",
+                reason: "verifies client certificates: set tls.client_auth = true too".into(),
+            });
+        }
         let l = &self.limits;
         if l.max_key_bytes == 0
             || l.max_value_bytes == 0
@@ -528,6 +543,25 @@ mod tests {
         )
         .expect("tls table");
         c.validate().expect("valid tls table");
+        let mut c = c.clone();
+        c.tls.client_auth = false;
+        c.tls.client_ca_file = "clients.pem".into();
+        let e = c
+            .validate()
+            .expect_err("client CA without client_auth")
+            .to_string();
+        assert!(e.contains("tls.client_ca_file"), "{e}");
+        c.tls.client_auth = true;
+        c.validate().expect("client CA with client_auth");
+        assert_eq!(
+            c.tls.files().expect("files").client_ca_file,
+            PathBuf::from("clients.pem")
+        );
+        c.tls.client_ca_file = PathBuf::new();
+        assert_eq!(
+            c.tls.files().expect("files").client_ca_file,
+            PathBuf::from("c")
+        );
         let e = Config::from_toml("node_id = 1\n[tls]\ncert = \"a\"\n").expect_err("typo");
         assert!(e.contains("cert"), "{e}");
     }

@@ -2,7 +2,8 @@
 //! the dialer that use these configurations live in `net::tls` and `net::dial`.
 //!
 //! - Client port: TLS with this node's certificate; client certificates are verified against
-//!   the CA when `tls.client_auth` is set (and then required).
+//!   the client CA (`tls.client_ca_file`, else `tls.ca_file`) when `tls.client_auth` is set
+//!   (and then required).
 //! - Peer port: mutual TLS. Every node presents its certificate on both ends of a peer
 //!   connection, and each end verifies the other against the CA. A peer is checked against the
 //!   host part of the address it is dialled at (a DNS name or an IP address in the certificate's
@@ -39,12 +40,16 @@ pub enum TlsError {
     ServerName { host: String },
 }
 
-/// The three PEM files of a node (or of a client that presents a certificate).
+/// The PEM files of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// Verifies peers.
     pub ca_file: PathBuf,
+    /// Verifies client certificates on the client port (the same file as `ca_file` unless
+    /// clients have a CA of their own).
+    pub client_ca_file: PathBuf,
 }
 
 fn read_err(what: &'static str, path: &Path) -> impl Fn(rustls::pki_types::pem::Error) -> TlsError {
@@ -167,8 +172,13 @@ impl NodeTls {
     /// Loads and checks every file once, so a bad file stops the node before it binds anything.
     pub fn load(files: &TlsFiles, client_auth: bool) -> Result<NodeTls, TlsError> {
         let roots = load_roots(&files.ca_file)?;
+        let client_roots = match client_auth {
+            false => None,
+            true if files.client_ca_file == files.ca_file => Some(roots.clone()),
+            true => Some(load_roots(&files.client_ca_file)?),
+        };
         Ok(NodeTls {
-            client_port: server_config(files, client_auth.then(|| roots.clone()))?,
+            client_port: server_config(files, client_roots)?,
             peer_port: server_config(files, Some(roots.clone()))?,
             peer_dialer: client_config(roots, Some((&files.cert_file, &files.key_file)))?,
         })
@@ -211,10 +221,12 @@ mod tests {
     fn a_node_loads_good_files_and_names_the_bad_one() {
         let d = tempfile::tempdir().expect("tempdir");
         let (ca, cert, key) = ca_and_leaf();
+        let ca_file = write(d.path(), "ca.pem", &ca);
         let files = TlsFiles {
             cert_file: write(d.path(), "node.pem", &cert),
             key_file: write(d.path(), "node.key", &key),
-            ca_file: write(d.path(), "ca.pem", &ca),
+            client_ca_file: ca_file.clone(),
+            ca_file,
         };
         NodeTls::load(&files, true).expect("good files load");
 
@@ -224,6 +236,16 @@ mod tests {
         };
         let e = NodeTls::load(&missing, false).err().expect("missing CA");
         assert!(e.to_string().contains("nope.pem"), "{e}");
+        // A client CA of its own is read only when client certificates are asked for.
+        let clients = TlsFiles {
+            client_ca_file: d.path().join("no-clients.pem"),
+            ..files.clone()
+        };
+        NodeTls::load(&clients, false).expect("client CA unused");
+        let e = NodeTls::load(&clients, true)
+            .err()
+            .expect("missing client CA");
+        assert!(e.to_string().contains("no-clients.pem"), "{e}");
 
         let garbage = write(d.path(), "garbage.pem", "not a certificate\n");
         let e = NodeTls::load(

@@ -16,13 +16,15 @@ use metaraft::client::Client;
 use metaraft::pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A test PKI: a cluster CA with node and client certificates, and a rogue CA with a
-/// certificate of its own that looks the same but is signed by the wrong key.
+/// A test PKI: a cluster CA with the node certificate, a CA of the clients with a client
+/// certificate, and a rogue CA with a certificate of its own that looks the same as the
+/// node's but is signed by the wrong key.
 struct Pki {
     _dir: tempfile::TempDir,
     ca: PathBuf,
     node_cert: PathBuf,
     node_key: PathBuf,
+    clients_ca: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
     rogue_ca: PathBuf,
@@ -30,12 +32,11 @@ struct Pki {
     rogue_key: PathBuf,
 }
 
-fn new_ca() -> (rcgen::Certificate, rcgen::KeyPair) {
+fn new_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
     let key = rcgen::KeyPair::generate().expect("ca key");
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, "metaraft test CA");
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
     let cert = p.self_signed(&key).expect("ca cert");
     (cert, key)
 }
@@ -66,7 +67,7 @@ impl Pki {
         use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        let (ca, ca_key) = new_ca();
+        let (ca, ca_key) = new_ca("metaraft test CA");
         // One certificate for every node: all of them listen on 127.0.0.1 here. It is a server
         // certificate on both ports and the client certificate of peer connections.
         let (node, node_key) = issue(
@@ -75,8 +76,15 @@ impl Pki {
             &["127.0.0.1", "localhost"],
             vec![ServerAuth, ClientAuth],
         );
-        let (client, client_key) = issue(&ca, &ca_key, &["platform-service"], vec![ClientAuth]);
-        let (rogue_ca, rogue_ca_key) = new_ca();
+        let (clients_ca, clients_ca_key) = new_ca("metaraft test clients CA");
+        let (client, client_key) = issue(
+            &clients_ca,
+            &clients_ca_key,
+            &["platform-service"],
+            vec![ClientAuth],
+        );
+        // Same name as the cluster CA: only the signature tells them apart.
+        let (rogue_ca, rogue_ca_key) = new_ca("metaraft test CA");
         let (rogue, rogue_key) = issue(
             &rogue_ca,
             &rogue_ca_key,
@@ -87,6 +95,7 @@ impl Pki {
             ca: write(d, "ca.pem", &ca.pem()),
             node_cert: write(d, "node.pem", &node),
             node_key: write(d, "node.key", &node_key),
+            clients_ca: write(d, "clients-ca.pem", &clients_ca.pem()),
             client_cert: write(d, "client.pem", &client),
             client_key: write(d, "client.key", &client_key),
             rogue_ca: write(d, "rogue-ca.pem", &rogue_ca.pem()),
@@ -105,6 +114,8 @@ impl Pki {
             "--tls-ca-file".into(),
             self.ca.display().to_string(),
             "--tls-client-auth".into(),
+            "--tls-client-ca-file".into(),
+            self.clients_ca.display().to_string(),
         ]
     }
 
@@ -221,6 +232,12 @@ async fn t01_tls_cluster_serves_forwards_and_refuses_bad_clients_without_losing_
         }
     };
     assert!(status_via(pki.client_tls(&pki.ca, None)).await.is_err());
+    // A client's certificate is for the client port only: the peer port trusts the members' CA.
+    assert!(
+        status_via(pki.client_tls(&pki.ca, Some((&pki.client_cert, &pki.client_key))))
+            .await
+            .is_err()
+    );
     assert!(
         status_via(pki.client_tls(&pki.ca, Some((&pki.rogue_cert, &pki.rogue_key))))
             .await
