@@ -363,6 +363,36 @@ async fn t01_tls_cluster_serves_forwards_and_refuses_bad_clients_without_losing_
     assert!(!out.status.success());
     assert!(err.contains("rogue-ca.missing"), "{err}");
 
+    // A backup over TLS: it reads from a follower it finds through the status call, over the
+    // same TLS settings, and the result verifies.
+    let bk = pki._dir.path().join("backup");
+    let out = std::process::Command::new(bin)
+        .args(["backup", "create", "--endpoints", &endpoints, "--out"])
+        .arg(&bk)
+        .arg("--ca-file")
+        .arg(&pki.ca)
+        .arg("--cert-file")
+        .arg(&pki.client_cert)
+        .arg("--key-file")
+        .arg(&pki.client_key)
+        .output()
+        .expect("run backup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(bin)
+        .args(["backup", "verify"])
+        .arg(&bk)
+        .output()
+        .expect("run verify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Every node still has every acknowledged write, and the replicas agree.
     c.wait_converged(Duration::from_secs(20)).await;
     let hashes: std::collections::BTreeSet<_> = {
