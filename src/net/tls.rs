@@ -80,18 +80,33 @@ impl AsyncWrite for TlsIo {
 /// the listener in logs and metrics ("client" or "peer"). The stream ends when the server drops
 /// it; the accept task then stops.
 pub fn incoming(
+    plain: TcpIncoming,
+    cfg: Arc<rustls::ServerConfig>,
+    port: &'static str,
+    metrics: Arc<Metrics>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsIo>> {
+    incoming_with(plain, cfg, port, metrics, HANDSHAKE_TIMEOUT)
+}
+
+fn incoming_with(
     mut plain: TcpIncoming,
     cfg: Arc<rustls::ServerConfig>,
     port: &'static str,
     metrics: Arc<Metrics>,
+    handshake_timeout: Duration,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsIo>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
+            // Waiting for a free handshake slot must not keep a stopped server's port open.
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => match s {
+                    Ok(s) => s,
+                    Err(_) => return,
+                },
+                _ = tx.closed() => return,
             };
             let next = tokio::select! {
                 n = plain.next() => n,
@@ -111,7 +126,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 let _slot = slot;
                 let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(TlsIo(tls))).await;
                     }
@@ -128,4 +143,90 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn stalled_and_broken_handshakes_are_dropped_and_counted_and_good_ones_served() {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).expect("ca");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("leaf");
+        let d = tempfile::tempdir().expect("tempdir");
+        let w = |n: &str, b: String| {
+            let p = d.path().join(n);
+            std::fs::write(&p, b).expect("write");
+            p
+        };
+        let files = crate::tls::TlsFiles {
+            cert_file: w("n.pem", leaf.pem()),
+            key_file: w("n.key", key.serialize_pem()),
+            ca_file: w("ca.pem", ca.pem()),
+            client_ca_file: d.path().join("ca.pem"),
+        };
+        let node = crate::tls::NodeTls::load(&files, false).expect("load");
+
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let plain = TcpIncoming::from_listener(l, true, None).expect("incoming");
+        let metrics = Arc::new(Metrics::default());
+        let mut conns = incoming_with(
+            plain,
+            node.client_port.clone(),
+            "client",
+            metrics.clone(),
+            Duration::from_millis(300),
+        );
+
+        // Silent: closed by the server when the deadline passes.
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        // Garbage: refused at once.
+        let mut garbage = TcpStream::connect(addr).await.expect("connect");
+        garbage
+            .write_all(b"\x16\x03\x01\x00\x05hello")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+            .await
+            .expect("the server closes a stalled handshake")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "nothing is sent to a client that never said hello");
+        let _ = tokio::time::timeout(Duration::from_secs(5), garbage.read(&mut buf)).await;
+
+        // A real client after both: its connection comes out of the stream.
+        let roots = crate::tls::load_roots(&files.ca_file).expect("roots");
+        let cfg = crate::tls::client_config(roots, None).expect("client config");
+        let dial = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = crate::tls::server_name("127.0.0.1").expect("name");
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .expect("handshake")
+        });
+        let served = tokio::time::timeout(Duration::from_secs(5), conns.next())
+            .await
+            .expect("a good client is served")
+            .expect("stream open")
+            .expect("no error");
+        let _client = dial.await.expect("client");
+        assert!(served.connect_info().remote_addr().is_some());
+        let text = metrics.render();
+        assert!(
+            text.contains("metaraft_tls_handshake_failures_total{port=\"client\"} 2"),
+            "{text}"
+        );
+    }
 }
