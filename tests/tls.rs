@@ -164,7 +164,7 @@ async fn t01_tls_cluster_serves_forwards_and_refuses_bad_clients_without_losing_
     let good = pki.client_tls(&pki.ca, Some((&pki.client_cert, &pki.client_key)));
     let args = pki.serve_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let c = TestCluster::start_with(3, &args, Some(good.clone()));
+    let mut c = TestCluster::start_with(3, &args, Some(good.clone()));
     let leader = c.wait_for_leader(Duration::from_secs(30)).await;
 
     // Writes through every node: two of the three are forwarded to the leader over mutual TLS.
@@ -392,6 +392,35 @@ async fn t01_tls_cluster_serves_forwards_and_refuses_bad_clients_without_losing_
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // The leader killed: the others elect a new one over mTLS, take writes, and the old leader
+    // rejoins (new handshakes both ways) and catches up.
+    let old = c.wait_for_leader(Duration::from_secs(20)).await;
+    c.kill(old);
+    let new = c.wait_for_leader(Duration::from_secs(30)).await;
+    assert_ne!(new, old);
+    put(&c.client_at(new), "after-failover", "v").await;
+    c.spawn(old);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // The restarted process needs a moment to listen and to catch up.
+        let r = c
+            .client_at(old)
+            .get(pb::GetRequest {
+                key: b"after-failover".to_vec(),
+                read: linearizable(),
+            })
+            .await;
+        if let Ok(r) = r {
+            assert_eq!(r.kv.map(|kv| kv.value).as_deref(), Some(&b"v"[..]));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted node never served the write made while it was down: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Every node still has every acknowledged write, and the replicas agree.
     c.wait_converged(Duration::from_secs(20)).await;
