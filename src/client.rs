@@ -51,8 +51,8 @@ pub enum ClientError {
     Status(Box<Status>),
 }
 
-/// ": <innermost cause>" of a status that carries one (a transport failure says only
-/// "transport error" on its own; the cause is e.g. the TLS alert), else "".
+/// " (<innermost cause>)" of a status that carries one, else "": a transport failure says only
+/// "transport error" on its own, and its cause is what an operator needs (e.g. the TLS alert).
 fn root_cause(s: &Status) -> String {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
     let mut last = None;
@@ -520,6 +520,26 @@ mod tests {
         let last = u64::from_str_radix(&later[..16], 16).expect("hex");
         assert!(last > first, "{later} after {}", ids[0]);
         assert!(later > ids[0], "ids sort by time");
+    }
+
+    #[test]
+    fn status_errors_show_their_root_cause_once() {
+        let mut s = Status::unknown("transport error");
+        s.set_source(Arc::new(std::io::Error::other(
+            "received fatal alert: CertificateRequired",
+        )));
+        let e = ClientError::from(s).to_string();
+        assert!(
+            e.ends_with("transport error (received fatal alert: CertificateRequired)"),
+            "{e}"
+        );
+        let plain = ClientError::from(Status::invalid_argument("empty key")).to_string();
+        assert!(plain.ends_with(": empty key"), "{plain}");
+        // A cause the message already quotes is not repeated.
+        let mut s = Status::unavailable("dial failed: connection refused");
+        s.set_source(Arc::new(std::io::Error::other("connection refused")));
+        let e = ClientError::from(s).to_string();
+        assert!(e.ends_with("dial failed: connection refused"), "{e}");
     }
 
     #[test]
