@@ -495,7 +495,7 @@ pub fn channel_tls(
             .map_err(|err| ClientError::BadEndpoint(endpoint.to_string(), err.to_string()))?;
     }
     Ok(ep.connect_with_connector_lazy(crate::net::dial::Dialer {
-        tls,
+        tls: tls.map(crate::tls::Live::new),
         coalesce: true,
     }))
 }

@@ -56,8 +56,8 @@ pub struct Config {
 
 /// TLS on the client port and mutual TLS on the peer port. Off (plaintext, the default) when
 /// all three files are empty; on when all three are set. Every member of a cluster must agree.
-/// The ops port (/healthz, /readyz, /metrics) stays plain HTTP. Certificates are read at start:
-/// to rotate them, replace the files and restart the nodes one at a time.
+/// The ops port (/healthz, /readyz, /metrics) stays plain HTTP. Certificates are read at start
+/// and again on SIGHUP (docs/tls.md, "Rotation").
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {

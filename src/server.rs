@@ -71,7 +71,7 @@ fn incoming(l: TcpListener, addr: &str) -> Result<TcpIncoming, ServerError> {
 async fn serve_port(
     router: tonic::transport::server::Router,
     plain: TcpIncoming,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<crate::tls::Live<rustls::ServerConfig>>,
     port: &'static str,
     metrics: Arc<Metrics>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -88,6 +88,35 @@ async fn serve_port(
     };
     if let Err(e) = r {
         tracing::error!(port, error = %e, "gRPC server stopped");
+    }
+}
+
+/// SIGHUP: read the TLS files again (certificate rotation without a restart). New connections
+/// use the new files; open ones keep theirs. A file that does not load leaves everything as it
+/// was, with an error in the log.
+async fn reload_tls_on_sighup(
+    tls: crate::tls::NodeTls,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: TLS files reload only at restart");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match tls.reload() {
+                Ok(()) => tracing::info!("TLS files reloaded: new connections use them"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "TLS reload failed; the previous certificates stay in use"
+                ),
+            },
+            _ = shutdown.changed() => return,
+        }
     }
 }
 
@@ -205,6 +234,10 @@ impl Server {
             metrics.clone(),
             shutdown_rx.clone(),
         )));
+
+        if let Some(t) = tls.clone() {
+            tasks.push(tokio::spawn(reload_tls_on_sighup(t, shutdown_rx.clone())));
+        }
 
         if let Some(l) = ops_l {
             tasks.push(tokio::spawn(crate::ops::serve(

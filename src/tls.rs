@@ -160,28 +160,78 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
-/// The TLS configurations of one node: its two listeners and its peer dialer.
+/// A configuration that can be replaced while it is in use: each new connection takes the
+/// current one; connections already open keep theirs.
+pub struct Live<T>(Arc<std::sync::RwLock<Arc<T>>>);
+
+impl<T> Clone for Live<T> {
+    fn clone(&self) -> Self {
+        Live(self.0.clone())
+    }
+}
+
+impl<T> Live<T> {
+    pub fn new(v: Arc<T>) -> Live<T> {
+        Live(Arc::new(std::sync::RwLock::new(v)))
+    }
+
+    pub fn get(&self) -> Arc<T> {
+        // A writer only swaps an Arc: no half-done state for a panic to leave behind.
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, v: Arc<T>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = v;
+    }
+}
+
+/// The TLS configurations of one node: its two listeners and its peer dialer, reloadable.
 #[derive(Clone)]
 pub struct NodeTls {
-    pub client_port: Arc<ServerConfig>,
-    pub peer_port: Arc<ServerConfig>,
-    pub peer_dialer: Arc<ClientConfig>,
+    pub client_port: Live<ServerConfig>,
+    pub peer_port: Live<ServerConfig>,
+    pub peer_dialer: Live<ClientConfig>,
+    files: TlsFiles,
+    client_auth: bool,
+}
+
+type Configs = (Arc<ServerConfig>, Arc<ServerConfig>, Arc<ClientConfig>);
+
+fn build(files: &TlsFiles, client_auth: bool) -> Result<Configs, TlsError> {
+    let roots = load_roots(&files.ca_file)?;
+    let client_roots = match client_auth {
+        false => None,
+        true if files.client_ca_file == files.ca_file => Some(roots.clone()),
+        true => Some(load_roots(&files.client_ca_file)?),
+    };
+    Ok((
+        server_config(files, client_roots)?,
+        server_config(files, Some(roots.clone()))?,
+        client_config(roots, Some((&files.cert_file, &files.key_file)))?,
+    ))
 }
 
 impl NodeTls {
     /// Loads and checks every file once, so a bad file stops the node before it binds anything.
     pub fn load(files: &TlsFiles, client_auth: bool) -> Result<NodeTls, TlsError> {
-        let roots = load_roots(&files.ca_file)?;
-        let client_roots = match client_auth {
-            false => None,
-            true if files.client_ca_file == files.ca_file => Some(roots.clone()),
-            true => Some(load_roots(&files.client_ca_file)?),
-        };
+        let (client_port, peer_port, peer_dialer) = build(files, client_auth)?;
         Ok(NodeTls {
-            client_port: server_config(files, client_roots)?,
-            peer_port: server_config(files, Some(roots.clone()))?,
-            peer_dialer: client_config(roots, Some((&files.cert_file, &files.key_file)))?,
+            client_port: Live::new(client_port),
+            peer_port: Live::new(peer_port),
+            peer_dialer: Live::new(peer_dialer),
+            files: files.clone(),
+            client_auth,
         })
+    }
+
+    /// Reads every file again; when all of them load, new connections (accepted and dialled)
+    /// use them. On any error nothing changes and the previous certificates stay in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let (client_port, peer_port, peer_dialer) = build(&self.files, self.client_auth)?;
+        self.client_port.set(client_port);
+        self.peer_port.set(peer_port);
+        self.peer_dialer.set(peer_dialer);
+        Ok(())
     }
 }
 
@@ -228,7 +278,15 @@ mod tests {
             client_ca_file: ca_file.clone(),
             ca_file,
         };
-        NodeTls::load(&files, true).expect("good files load");
+        let node = NodeTls::load(&files, true).expect("good files load");
+        // A reload that fails changes nothing; one that succeeds swaps every configuration.
+        let before = node.client_port.get();
+        std::fs::write(&files.cert_file, "garbage\n").expect("write");
+        assert!(node.reload().is_err());
+        assert!(Arc::ptr_eq(&before, &node.client_port.get()));
+        std::fs::write(&files.cert_file, &cert).expect("write");
+        node.reload().expect("reload");
+        assert!(!Arc::ptr_eq(&before, &node.client_port.get()));
 
         let missing = TlsFiles {
             ca_file: d.path().join("nope.pem"),

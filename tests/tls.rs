@@ -21,6 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// node's but is signed by the wrong key.
 struct Pki {
     _dir: tempfile::TempDir,
+    /// The cluster CA, to issue more node certificates.
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
     ca: PathBuf,
     node_cert: PathBuf,
     node_key: PathBuf,
@@ -101,6 +104,8 @@ impl Pki {
             rogue_ca: write(d, "rogue-ca.pem", &rogue_ca.pem()),
             rogue_cert: write(d, "rogue.pem", &rogue),
             rogue_key: write(d, "rogue.key", &rogue_key),
+            ca_cert: ca,
+            ca_key,
             _dir: dir,
         }
     }
@@ -221,7 +226,10 @@ async fn t01_tls_cluster_serves_forwards_and_refuses_bad_clients_without_losing_
     let status_via = |tls: Arc<rustls::ClientConfig>| {
         let addr = peer_addr.clone();
         async move {
-            let pool = metaraft::net::PeerPool::new(Default::default(), Some(tls));
+            let pool = metaraft::net::PeerPool::new(
+                Default::default(),
+                Some(metaraft::tls::Live::new(tls)),
+            );
             let mut pc = pool.client(&addr).expect("peer client");
             tokio::time::timeout(
                 Duration::from_secs(20),
@@ -509,4 +517,99 @@ fn t02_bad_tls_files_stop_a_node_before_it_listens_and_name_the_file() {
     }
     // Nothing was created: the node stopped before opening its stores.
     assert!(!d.path().join("data").join("log").exists());
+}
+
+/// The leaf certificate node `addr` presents to a new TLS connection on its client port.
+async fn presented(addr: &str, tls: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = metaraft::tls::server_name("127.0.0.1").expect("name");
+    let s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    s.get_ref().1.peer_certificates().expect("certificates")[0].to_vec()
+}
+
+fn first_cert(path: &Path) -> Vec<u8> {
+    metaraft::tls::load_certs("certificate", path).expect("load")[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t03_sighup_reloads_certificates_for_new_connections_and_keeps_them_on_a_bad_file() {
+    use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    let _g = serial();
+    let pki = Pki::new();
+    let live = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (live.path().join("node.pem"), live.path().join("node.key"));
+    std::fs::copy(&pki.node_cert, &cert).expect("copy");
+    std::fs::copy(&pki.node_key, &key).expect("copy");
+    let args: Vec<String> = vec![
+        "--tls-cert-file".into(),
+        cert.display().to_string(),
+        "--tls-key-file".into(),
+        key.display().to_string(),
+        "--tls-ca-file".into(),
+        pki.ca.display().to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tls = pki.client_tls(&pki.ca, None);
+    let mut c = TestCluster::start_with(1, &args, Some(tls.clone()));
+    c.wait_for_leader(Duration::from_secs(30)).await;
+    let addr = c.nodes[0].client.clone();
+    assert_eq!(
+        presented(&addr, tls.clone()).await,
+        first_cert(&pki.node_cert)
+    );
+    let pid = c.procs[0].as_ref().expect("running").id().to_string();
+    let hup = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -HUP");
+    };
+
+    // A new certificate from the same CA, swapped in by rename as an operator would.
+    let (new_cert, new_key) = issue(
+        &pki.ca_cert,
+        &pki.ca_key,
+        &["127.0.0.1", "localhost"],
+        vec![ServerAuth, ClientAuth],
+    );
+    let tmp = write(live.path(), "next.pem", &new_cert);
+    let tmpk = write(live.path(), "next.key", &new_key);
+    std::fs::rename(&tmpk, &key).expect("rename key");
+    std::fs::rename(&tmp, &cert).expect("rename cert");
+    let want = first_cert(&cert);
+    hup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while presented(&addr, tls.clone()).await != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    put(&c.client(), "after-reload", "v").await;
+
+    // A broken file: the reload is refused, the node keeps the certificate it had and serves.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\ngarbage\n").expect("write");
+    hup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !c.log_text(0).contains("TLS reload failed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload error logged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(presented(&addr, tls.clone()).await, want);
+    put(&c.client(), "after-bad-reload", "v").await;
+    assert!(c.procs[0]
+        .as_mut()
+        .expect("running")
+        .try_wait()
+        .expect("wait")
+        .is_none());
 }

@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper_util::rt::TokioIo;
@@ -24,7 +23,8 @@ use tokio_rustls::client::TlsStream;
 /// whose messages are mostly batches of entries, do not.
 #[derive(Clone, Default)]
 pub struct Dialer {
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Read at each dial, so a reloaded configuration takes effect on the next connection.
+    pub tls: Option<crate::tls::Live<rustls::ClientConfig>>,
     pub coalesce: bool,
 }
 
@@ -67,7 +67,7 @@ impl tower_service::Service<http::Uri> for Dialer {
                 });
             };
             let name = crate::tls::server_name(&host).map_err(std::io::Error::other)?;
-            let tls = tokio_rustls::TlsConnector::from(cfg)
+            let tls = tokio_rustls::TlsConnector::from(cfg.get())
                 .connect(name, stream)
                 .await
                 .map_err(|e| {

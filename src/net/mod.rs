@@ -59,7 +59,7 @@ pub struct PeerPool {
     /// state machine, which updates it).
     pub lineage: Lineage,
     /// Mutual TLS towards peers (this node's certificate, the cluster CA); None: plaintext.
-    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    tls: Option<crate::tls::Live<rustls::ClientConfig>>,
 }
 
 /// The cluster lineage id cell: empty until the first membership entry is applied.
@@ -119,7 +119,7 @@ pub type PeerConn =
     PeerClient<tonic::service::interceptor::InterceptedService<Channel, StampLineage>>;
 
 impl PeerPool {
-    pub fn new(lineage: Lineage, tls: Option<std::sync::Arc<rustls::ClientConfig>>) -> PeerPool {
+    pub fn new(lineage: Lineage, tls: Option<crate::tls::Live<rustls::ClientConfig>>) -> PeerPool {
         PeerPool {
             channels: Mutex::default(),
             lineage,

@@ -81,7 +81,7 @@ impl AsyncWrite for TlsIo {
 /// it; the accept task then stops.
 pub fn incoming(
     plain: TcpIncoming,
-    cfg: Arc<rustls::ServerConfig>,
+    cfg: crate::tls::Live<rustls::ServerConfig>,
     port: &'static str,
     metrics: Arc<Metrics>,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsIo>> {
@@ -90,13 +90,12 @@ pub fn incoming(
 
 fn incoming_with(
     mut plain: TcpIncoming,
-    cfg: Arc<rustls::ServerConfig>,
+    cfg: crate::tls::Live<rustls::ServerConfig>,
     port: &'static str,
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsIo>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
@@ -122,7 +121,9 @@ fn incoming_with(
                     continue;
                 }
             };
-            let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
+            // The configuration of the moment: a reload applies from the next connection on.
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg.get());
+            let (tx, metrics) = (tx.clone(), metrics.clone());
             tokio::spawn(async move {
                 let _slot = slot;
                 let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
