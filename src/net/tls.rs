@@ -21,6 +21,36 @@ use crate::metrics::Metrics;
 /// How long a client may take to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// At most one handshake-failure log line per listener per this many milliseconds; the counter
+/// still counts every failure, and the next line says how many were not logged.
+const LOG_EVERY_MS: u64 = 1000;
+
+/// Rate limit of the failure log lines of one listener (a port scan must not flood the log).
+#[derive(Default)]
+struct LogLimit {
+    last_ms: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogLimit {
+    /// Some(failures not logged since the last line) when this failure may be logged.
+    fn admit(&self, now_ms: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last_ms.load(Relaxed);
+        if now_ms.saturating_sub(last) >= LOG_EVERY_MS
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms, Relaxed, Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
 /// Handshakes in progress at once per listener; connections beyond it wait in the kernel's
 /// accept queue, so a flood of idle sockets cannot grow tasks without bound.
 const MAX_HANDSHAKES: usize = 256;
@@ -97,6 +127,7 @@ fn incoming_with(
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsIo>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let limit = Arc::new(LogLimit::default());
     tokio::spawn(async move {
         loop {
             // Waiting for a free handshake slot must not keep a stopped server's port open.
@@ -123,22 +154,22 @@ fn incoming_with(
             };
             // The configuration of the moment: a reload applies from the next connection on.
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg.get());
-            let (tx, metrics) = (tx.clone(), metrics.clone());
+            let (tx, metrics, limit) = (tx.clone(), metrics.clone(), limit.clone());
             tokio::spawn(async move {
                 let _slot = slot;
                 let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(TlsIo(tls))).await;
-                    }
-                    Ok(Err(e)) => {
-                        metrics.tls_handshake_failed(port);
-                        tracing::info!(port, from, error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        metrics.tls_handshake_failed(port);
-                        tracing::info!(port, from, "TLS handshake timed out");
-                    }
+                let error =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send(Ok(TlsIo(tls))).await;
+                            return;
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "timed out".to_string(),
+                    };
+                metrics.tls_handshake_failed(port);
+                if let Some(not_logged) = limit.admit(crate::metrics::now_unix_ms()) {
+                    tracing::info!(port, from, error, not_logged, "TLS handshake failed");
                 }
             });
         }
@@ -150,6 +181,17 @@ fn incoming_with(
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn failure_lines_are_limited_and_say_how_many_were_not_logged() {
+        let l = LogLimit::default();
+        assert_eq!(l.admit(10_000), Some(0));
+        assert_eq!(l.admit(10_001), None);
+        assert_eq!(l.admit(10_999), None);
+        assert_eq!(l.admit(11_000), Some(2));
+        assert_eq!(l.admit(11_500), None);
+        assert_eq!(l.admit(20_000), Some(1));
+    }
 
     #[tokio::test]
     async fn stalled_and_broken_handshakes_are_dropped_and_counted_and_good_ones_served() {
