@@ -243,6 +243,21 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
     })
 }
 
+/// A CA and a leaf for 127.0.0.1 it signed, as PEM (CA, leaf, leaf key): test material.
+#[cfg(test)]
+pub(crate) fn test_ca_and_leaf() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca_cert, &ca_key)
+        .expect("leaf");
+    (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,24 +268,10 @@ mod tests {
         p
     }
 
-    /// A CA and a leaf it signed, as PEM.
-    fn ca_and_leaf() -> (String, String, String) {
-        let ca_key = rcgen::KeyPair::generate().expect("key");
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_cert = ca.self_signed(&ca_key).expect("ca");
-        let key = rcgen::KeyPair::generate().expect("key");
-        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-            .expect("params")
-            .signed_by(&key, &ca_cert, &ca_key)
-            .expect("leaf");
-        (ca_cert.pem(), leaf.pem(), key.serialize_pem())
-    }
-
     #[test]
     fn a_node_loads_good_files_and_names_the_bad_one() {
         let d = tempfile::tempdir().expect("tempdir");
-        let (ca, cert, key) = ca_and_leaf();
+        let (ca, cert, key) = test_ca_and_leaf();
         let ca_file = write(d.path(), "ca.pem", &ca);
         let files = TlsFiles {
             cert_file: write(d.path(), "node.pem", &cert),
@@ -330,7 +331,7 @@ mod tests {
         assert!(e.to_string().contains("garbage.pem"), "{e}");
 
         // A key that is not the certificate's: refused at load, not at the first handshake.
-        let (_, _, other_key) = ca_and_leaf();
+        let (_, _, other_key) = test_ca_and_leaf();
         let e = NodeTls::load(
             &TlsFiles {
                 key_file: write(d.path(), "other.key", &other_key),

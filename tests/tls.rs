@@ -124,6 +124,18 @@ impl Pki {
         ]
     }
 
+    /// The CLI flags of a client with this PKI's client certificate.
+    fn cli_tls_args(&self) -> Vec<&std::ffi::OsStr> {
+        vec![
+            "--ca-file".as_ref(),
+            self.ca.as_os_str(),
+            "--cert-file".as_ref(),
+            self.client_cert.as_os_str(),
+            "--key-file".as_ref(),
+            self.client_key.as_os_str(),
+        ]
+    }
+
     fn client_tls(&self, ca: &Path, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
         let roots = metaraft::tls::load_roots(ca).expect("roots");
         metaraft::tls::client_config(roots, identity).expect("client config")
@@ -314,12 +326,7 @@ async fn t01_tls_cluster_serves_forwards_and_refuses_bad_clients_without_losing_
             "--endpoints",
             &endpoints,
         ])
-        .arg("--ca-file")
-        .arg(&pki.ca)
-        .arg("--cert-file")
-        .arg(&pki.client_cert)
-        .arg("--key-file")
-        .arg(&pki.client_key)
+        .args(pki.cli_tls_args())
         .output()
         .expect("run cli");
     assert!(
@@ -377,12 +384,7 @@ async fn t01_tls_cluster_serves_forwards_and_refuses_bad_clients_without_losing_
     let out = std::process::Command::new(bin)
         .args(["backup", "create", "--endpoints", &endpoints, "--out"])
         .arg(&bk)
-        .arg("--ca-file")
-        .arg(&pki.ca)
-        .arg("--cert-file")
-        .arg(&pki.client_cert)
-        .arg("--key-file")
-        .arg(&pki.client_key)
+        .args(pki.cli_tls_args())
         .output()
         .expect("run backup");
     assert!(
@@ -514,6 +516,26 @@ fn t02_bad_tls_files_stop_a_node_before_it_listens_and_name_the_file() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "started with {expect:?} wrong");
         assert!(err.contains(expect), "{err}");
+    }
+    // Client flags: each wrong combination or file is refused before anything is dialled.
+    let junk = write(d.path(), "junk.pem", "not a certificate\n");
+    let junk = junk.to_str().expect("utf-8 path");
+    for (flags, expect) in [
+        (vec!["--cert-file", "a.pem"], "--key-file"),
+        (
+            vec!["--cert-file", "a.pem", "--key-file", "a.key"],
+            "--cert-file needs --ca-file",
+        ),
+        (vec!["--ca-file", junk], "holds no PEM certificate"),
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(["kv", "get", "k", "--endpoints", "127.0.0.1:1"])
+            .args(&flags)
+            .output()
+            .expect("run cli");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} accepted");
+        assert!(err.contains(expect), "{flags:?}: {err}");
     }
     // Nothing was created: the node stopped before opening its stores.
     assert!(!d.path().join("data").join("log").exists());

@@ -140,8 +140,8 @@ impl PeerPool {
                 addr: addr.to_string(),
                 reason: e.to_string(),
             })?
+            // Bounds the TCP connect and the TLS handshake (the dialer sets TCP_NODELAY).
             .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .initial_connection_window_size(Some(8 << 20))

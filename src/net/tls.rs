@@ -195,15 +195,7 @@ mod tests {
 
     #[tokio::test]
     async fn stalled_and_broken_handshakes_are_dropped_and_counted_and_good_ones_served() {
-        let ca_key = rcgen::KeyPair::generate().expect("key");
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = ca.self_signed(&ca_key).expect("ca");
-        let key = rcgen::KeyPair::generate().expect("key");
-        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-            .expect("params")
-            .signed_by(&key, &ca, &ca_key)
-            .expect("leaf");
+        let (ca, leaf, key) = crate::tls::test_ca_and_leaf();
         let d = tempfile::tempdir().expect("tempdir");
         let w = |n: &str, b: String| {
             let p = d.path().join(n);
@@ -211,9 +203,9 @@ mod tests {
             p
         };
         let files = crate::tls::TlsFiles {
-            cert_file: w("n.pem", leaf.pem()),
-            key_file: w("n.key", key.serialize_pem()),
-            ca_file: w("ca.pem", ca.pem()),
+            cert_file: w("n.pem", leaf),
+            key_file: w("n.key", key),
+            ca_file: w("ca.pem", ca),
             client_ca_file: d.path().join("ca.pem"),
         };
         let node = crate::tls::NodeTls::load(&files, false).expect("load");
