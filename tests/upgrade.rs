@@ -88,6 +88,16 @@ async fn check_old_keys(c: &Client) {
     assert_eq!(get_value(c, "greeting").await, Some(b"hello".to_vec()));
 }
 
+/// The checkout the test runs from. Cargo sets `CARGO_MANIFEST_DIR` when it
+/// runs a test, so read it at run time: the compile-time value names the
+/// checkout the binary was built in, and a shared target directory reuses a
+/// test binary built from another checkout path that may no longer exist.
+fn fixture_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn u01_previous_release_data_opens_and_takes_metadata_commands() {
     let _g = serial();
@@ -96,10 +106,7 @@ async fn u01_previous_release_data_opens_and_takes_metadata_commands() {
     }
     let dir = tempfile::tempdir().expect("tmp");
     let data = dir.path().join("data");
-    copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-node/data"),
-        &data,
-    );
+    copy_dir(&fixture_dir().join("tests/fixtures/v1-node/data"), &data);
     let client_addr = "127.0.0.1:29402";
     let log = dir.path().join("node.log");
     let node = spawn(&data, client_addr, &log);
