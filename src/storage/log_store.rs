@@ -145,12 +145,6 @@ impl LogStore {
         opts.create_if_missing(true);
         // Big write buffer: the log is written sequentially and purged from the front.
         opts.set_write_buffer_size(64 << 20);
-        // Reuse finished WAL files instead of creating new ones: an fdatasync on blocks that
-        // already exist and does not grow the file skips the file-system journal commit, which
-        // was a third of each sync's cost on ext4 here (docs/benchmarks.md, eleventh session).
-        // Records in a recycled file carry their log number, so recovery stops at the first
-        // record left over from the file's previous life (RocksDB's recyclable record format).
-        opts.set_recycle_log_file_num(4);
         let db = DB::open(&opts, path).map_err(StorageError::rocks("open log"))?;
         let vote: Option<Vote> = match db
             .get(keys::LOG_VOTE)
@@ -178,12 +172,6 @@ impl LogStore {
 
     fn db(&self) -> &DB {
         &self.inner.db
-    }
-
-    /// Test hook: write the memtable to an SST so the current WAL becomes obsolete.
-    #[cfg(test)]
-    fn flush_memtable(&self) -> Result<(), StorageError> {
-        self.db().flush().map_err(StorageError::rocks("flush"))
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -556,173 +544,6 @@ mod tests {
             1 => (0u64..40).prop_map(Op::Truncate),
             1 => (0u64..40).prop_map(Op::Purge),
         ]
-    }
-
-    /// Lines of a RocksDB info log that contain `needle`.
-    fn info_log_lines(dir: &Path, needle: &str) -> usize {
-        std::fs::read_to_string(dir.join("LOG"))
-            .expect("read rocksdb LOG")
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    /// One process lifetime of a log whose WAL files get recycled: rounds of appends, each
-    /// rewriting the tail of the last from a newer term (a leftover record would show up as a
-    /// wrong term at a known index), with a memtable flush after all but the last. The last
-    /// round writes less than its recycled file held before and stays in the WAL only.
-    fn recycling_lifetime(
-        rt: &tokio::runtime::Runtime,
-        log: &mut LogStore,
-        path: &Path,
-        expected: &mut Vec<Entry>,
-        term: &mut u64,
-    ) {
-        let mut flushes = 0;
-        for round in 0..7 {
-            *term += 1;
-            rt.block_on(async {
-                let keep = expected.len().saturating_sub(20);
-                if keep > 0 {
-                    log.truncate_after(Some(expected[keep - 1].log_id))
-                        .await
-                        .expect("truncate");
-                    expected.truncate(keep);
-                }
-                let n = if round == 6 { 40 } else { 300 };
-                let next = expected.len() as u64 + 1;
-                let es: Vec<Entry> = (next..next + n).map(|i| entry(*term, i)).collect();
-                expected.extend(es.iter().cloned());
-                log.blocking_append(es).await.expect("append");
-            });
-            if round < 6 {
-                log.flush_memtable().expect("flush");
-                flushes += 1;
-            }
-            let last = expected.len() as u64;
-            assert_eq!(&log.read_entries(1, last + 1).expect("read"), expected);
-        }
-        // Every WAL after the first flush came from the recycle list, the live one too.
-        let reused = info_log_lines(path, "from recycle list");
-        assert!(
-            reused >= flushes - 1,
-            "{reused} WALs recycled in {flushes} flushes"
-        );
-    }
-
-    fn assert_log_is(rt: &tokio::runtime::Runtime, log: &mut LogStore, expected: &[Entry]) {
-        let last = expected.len() as u64;
-        let st = rt.block_on(log.get_log_state()).expect("state");
-        assert_eq!(st.last_log_id, expected.last().map(|e| e.log_id));
-        assert_eq!(
-            log.read_entries_from_disk(1, last + 2).expect("read"),
-            expected
-        );
-    }
-
-    /// Recycled WAL files across clean restarts (files from an earlier process are never
-    /// recycled, so each lifetime recycles its own): the log reopens exactly as written.
-    #[test]
-    fn recycled_wal_files_survive_clean_restarts() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("log");
-        let metrics = Arc::new(Metrics::default());
-        let (mut expected, mut term) = (Vec::new(), 0);
-        for _lifetime in 0..3 {
-            let mut log = LogStore::open(&path, metrics.clone()).expect("open");
-            recycling_lifetime(&rt, &mut log, &path, &mut expected, &mut term);
-            drop(log);
-            let mut log = LogStore::open(&path, metrics.clone()).expect("reopen");
-            assert_log_is(&rt, &mut log, &expected);
-        }
-    }
-
-    const CRASH_DIR_ENV: &str = "METARAFT_TEST_WAL_CRASH_DIR";
-
-    /// The writer half of `recycled_wal_survives_kill_9`, run in a child process.
-    #[test]
-    #[ignore = "child process of recycled_wal_survives_kill_9; does nothing on its own"]
-    fn recycled_wal_crash_child() {
-        let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
-            return;
-        };
-        let dir = std::path::PathBuf::from(dir);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        let path = dir.join("log");
-        let mut log = LogStore::open(&path, Arc::new(Metrics::default())).expect("open");
-        let (mut expected, mut term) = (Vec::new(), 0);
-        recycling_lifetime(&rt, &mut log, &path, &mut expected, &mut term);
-        let acked: String = expected
-            .iter()
-            .map(|e| format!("{} {}\n", e.log_id.leader_id.term, e.log_id.index))
-            .collect();
-        std::fs::write(dir.join("acked"), acked).expect("write acked");
-        println!("READY");
-        std::thread::sleep(std::time::Duration::from_secs(60));
-    }
-
-    /// A node killed with SIGKILL leaves its recycled WAL untruncated, old records after the
-    /// new ones: recovery keeps every synced entry and none of the leftovers.
-    #[test]
-    fn recycled_wal_survives_kill_9() {
-        use std::io::BufRead;
-        let dir = tempfile::tempdir().expect("tmp");
-        let exe = std::env::current_exe().expect("test binary");
-        let mut child = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                "storage::log_store::tests::recycled_wal_crash_child",
-            ])
-            .args(["--ignored", "--nocapture", "--test-threads=1"])
-            .env(CRASH_DIR_ENV, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn writer");
-        let out = child.stdout.take().expect("child stdout");
-        let ready = std::io::BufReader::new(out)
-            .lines()
-            .map_while(Result::ok)
-            .any(|l| l.ends_with("READY"));
-        child.kill().expect("kill -9 writer");
-        child.wait().expect("reap writer");
-        assert!(ready, "the writer died before its appends were synced");
-        let expected: Vec<Entry> = std::fs::read_to_string(dir.path().join("acked"))
-            .expect("read acked")
-            .lines()
-            .map(|l| {
-                let (t, i) = l.split_once(' ').expect("term index");
-                entry(t.parse().expect("term"), i.parse().expect("index"))
-            })
-            .collect();
-        let path = dir.path().join("log");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        // The WAL to replay is a recycled file that was not truncated: past the records
-        // the writer synced lie the file's older records.
-        let live_wal = std::fs::read_dir(&path)
-            .expect("read log dir")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
-            .max_by_key(|e| e.file_name())
-            .expect("a WAL file");
-        let wal_len = live_wal.metadata().expect("stat wal").len();
-        let tail = expected.len().saturating_sub(40);
-        let synced: usize = expected[tail..]
-            .iter()
-            .map(|e| enc("entry", e).expect("encode").len() + 64)
-            .sum();
-        assert!(
-            wal_len > 2 * synced as u64,
-            "WAL of {wal_len} bytes holds no leftovers past ~{synced} synced bytes"
-        );
-        let mut log = LogStore::open(&path, Arc::new(Metrics::default())).expect("reopen");
-        assert_log_is(&rt, &mut log, &expected);
     }
 
     proptest! {
