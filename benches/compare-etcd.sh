@@ -9,6 +9,11 @@
 # disk's and CPU's speed drift by tens of percent within minutes, and alternating exposes both
 # systems to the same drift.
 #
+# Each load also reports the servers' CPU per operation (user + system time of the three server
+# processes over the run, divided by the operations it completed) and, over the rounds, etcd's
+# figure over metaraft's: what a request costs, which drifts less with the machine than
+# throughput does.
+#
 # Installs Debian's etcd-server and etcd-client when missing. Data lives in a temporary directory on the same disk
 # for both systems and is removed at exit.
 set -euo pipefail
@@ -78,19 +83,49 @@ start_etcd() {
 
 stop_all() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; PIDS=(); sleep 1; }
 
-# name | bench flags
+# name | preload first (yes/no) | bench flags
 LOADS=(
-    "write-64|--concurrency 64 --read-ratio 0"
-    "write-1|--concurrency 1 --read-ratio 0"
-    "linread-64|--concurrency 64 --read-ratio 1 --preload --keys 10000"
+    "write-64|no|--concurrency 64 --read-ratio 0"
+    "write-1|no|--concurrency 1 --read-ratio 0"
+    "linread-64|yes|--concurrency 64 --read-ratio 1 --keys 10000"
 )
+
+# CPU seconds (user + system) the server processes have used so far.
+server_cpu() {
+    local ticks=0 p
+    for p in "${PIDS[@]}"; do
+        ticks=$((ticks + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo "$ticks $(getconf CLK_TCK)" | awk '{printf "%.3f", $1 / $2}'
+}
 
 run_loads() { # target eps
     for l in "${LOADS[@]}"; do
-        local name="${l%%|*}" flags="${l#*|}"
+        local name="${l%%|*}" rest="${l#*|}"
+        local preload="${rest%%|*}" flags="${rest#*|}"
+        if [ "$preload" = yes ]; then
+            # Every key written once, in its own run, so the measured run (and the servers' CPU
+            # counted for it) holds reads only.
+            # shellcheck disable=SC2086
+            "$M" bench --target "$1" --endpoints "$2" --duration 1 --value-size 256 $flags \
+                --preload >/dev/null
+        fi
+        local cpu0 cpu1 out
+        cpu0=$(server_cpu)
         # shellcheck disable=SC2086
-        "$M" bench --target "$1" --endpoints "$2" --duration "$DUR" --value-size 256 $flags --json \
-            | sed "s/^{/{\"round\":$ROUND,\"load\":\"$name\",/" >>"$WORK/results.jsonl"
+        out=$("$M" bench --target "$1" --endpoints "$2" --duration "$DUR" --value-size 256 $flags --json)
+        cpu1=$(server_cpu)
+        # The servers' CPU per operation: what a request costs the three servers together, a
+        # figure that moves less with the machine's speed than throughput does.
+        echo "$out" | python3 -c '
+import json, sys
+r = json.loads(sys.stdin.read())
+cpu = float(sys.argv[2]) - float(sys.argv[1])
+out = {"round": int(sys.argv[3]), "load": sys.argv[4]}
+out.update(r)
+out["server_cpu_s"] = round(cpu, 3)
+out["server_us_per_op"] = round(cpu / r["ok"] * 1e6, 1) if r["ok"] else None
+print(json.dumps(out))' "$cpu0" "$cpu1" "$ROUND" "$name" >>"$WORK/results.jsonl"
         tail -1 "$WORK/results.jsonl" >&2
     done
 }
@@ -110,7 +145,11 @@ by = {(r["round"], r["target"], r["load"]): r for r in rows}
 rounds = sorted({r["round"] for r in rows})
 loads = list(dict.fromkeys(r["load"] for r in rows))
 ratios = {l: [] for l in loads}
-print(f"{'round':<6} {'load':<12} {'metaraft ops/s':>15} {'etcd ops/s':>12} {'ratio':>7} {'mr p99 ms':>10} {'etcd p99 ms':>12}")
+cpu_ratios = {l: [] for l in loads}
+def us(r):
+    v = r.get("server_us_per_op")
+    return f"{v:.0f}" if v is not None else "-"
+print(f"{'round':<6} {'load':<12} {'metaraft ops/s':>15} {'etcd ops/s':>12} {'ratio':>7} {'mr p99 ms':>10} {'etcd p99 ms':>12} {'mr cpu us/op':>13} {'etcd cpu us/op':>15}")
 for rd in rounds:
     for load in loads:
         m, e = by.get((rd, "metaraft", load)), by.get((rd, "etcd", load))
@@ -118,7 +157,9 @@ for rd in rounds:
             continue
         ratio = m["ops_per_sec"] / e["ops_per_sec"] if e["ops_per_sec"] else float("inf")
         ratios[load].append(ratio)
-        print(f"{rd:<6} {load:<12} {m['ops_per_sec']:>15.0f} {e['ops_per_sec']:>12.0f} {ratio:>6.2f}x {m['p99_ms']:>10.2f} {e['p99_ms']:>12.2f}")
+        if m.get("server_us_per_op") and e.get("server_us_per_op"):
+            cpu_ratios[load].append(e["server_us_per_op"] / m["server_us_per_op"])
+        print(f"{rd:<6} {load:<12} {m['ops_per_sec']:>15.0f} {e['ops_per_sec']:>12.0f} {ratio:>6.2f}x {m['p99_ms']:>10.2f} {e['p99_ms']:>12.2f} {us(m):>13} {us(e):>15}")
 if len(rounds) > 1:
     print()
     print(f"median of {len(rounds)} rounds (lowest - highest):")
@@ -126,4 +167,10 @@ if len(rounds) > 1:
         r = ratios[load]
         if r:
             print(f"  {load:<12} {statistics.median(r):>5.2f}x  ({min(r):.2f}x - {max(r):.2f}x)")
+c = {l: v for l, v in cpu_ratios.items() if v}
+if c:
+    print()
+    print("server CPU per operation, etcd's over metaraft's (median, lowest - highest):")
+    for load, r in c.items():
+        print(f"  {load:<12} {statistics.median(r):>5.2f}x  ({min(r):.2f}x - {max(r):.2f}x)")
 PY
