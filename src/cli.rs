@@ -178,6 +178,9 @@ pub struct ServeArgs {
     /// PEM CA bundle that verifies client certificates (tls.client_ca_file; default: the CA).
     #[arg(long)]
     pub tls_client_ca_file: Option<PathBuf>,
+    /// Names a member's certificate must be valid for, comma-separated (tls.peer_names).
+    #[arg(long, value_delimiter = ',')]
+    pub tls_peer_names: Option<Vec<String>>,
     /// Override raft.snapshot_logs_since_last.
     #[arg(long)]
     pub snapshot_logs_since_last: Option<u64>,
@@ -398,6 +401,9 @@ pub fn build_config(a: &ServeArgs) -> Result<Config> {
     }
     if let Some(v) = &a.tls_client_ca_file {
         c.tls.client_ca_file = v.clone();
+    }
+    if let Some(v) = &a.tls_peer_names {
+        c.tls.peer_names = v.clone();
     }
     if let Some(v) = a.snapshot_logs_since_last {
         c.raft.snapshot_logs_since_last = v;

@@ -78,6 +78,13 @@ pub struct TlsConfig {
     /// Give clients their own CA: a certificate that ca_file verifies is accepted on the peer
     /// port, so clients with certificates from ca_file could speak to it as members do.
     pub client_ca_file: PathBuf,
+    /// Names a member's certificate must be valid for (DNS names or IP addresses, matched
+    /// against its subject alternative names as a TLS client matches a server's; a wildcard
+    /// certificate counts): a peer that connects with a certificate valid for none of them is refused,
+    /// even when ca_file signed it. Set it when ca_file also signs certificates of services
+    /// that are not members (an organisation-wide CA). Default empty: any certificate ca_file
+    /// signed is a member's.
+    pub peer_names: Vec<String>,
 }
 
 impl TlsConfig {
@@ -441,6 +448,22 @@ impl Config {
                 reason: "needs tls.cert_file, tls.key_file and tls.ca_file".into(),
             });
         }
+        if given == 0 && !t.peer_names.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "tls.peer_names",
+                reason: "needs tls.cert_file, tls.key_file and tls.ca_file".into(),
+            });
+        }
+        if let Some(bad) = t
+            .peer_names
+            .iter()
+            .find(|n| crate::tls::server_name(n).is_err())
+        {
+            return Err(ConfigError::Invalid {
+                key: "tls.peer_names",
+                reason: format!("{bad:?} is not a DNS name or an IP address"),
+            });
+        }
         if !t.client_ca_file.as_os_str().is_empty() && !t.client_auth {
             return Err(ConfigError::Invalid {
                 key: "tls.client_ca_file",
@@ -521,6 +544,32 @@ mod tests {
             .expect_err("bad")
             .to_string()
             .contains("does not include"));
+    }
+
+    #[test]
+    fn tls_peer_names_need_tls_and_real_names() {
+        let mut c = valid();
+        c.tls.peer_names = vec!["metaraft-0.metaraft.ns.svc".into()];
+        let e = c.validate().expect_err("no TLS").to_string();
+        assert!(e.contains("tls.peer_names"), "{e}");
+        c.tls.cert_file = "node.pem".into();
+        c.tls.key_file = "node.key".into();
+        c.tls.ca_file = "ca.pem".into();
+        c.validate().expect("a DNS name");
+        c.tls.peer_names.push("10.0.0.7".into());
+        c.validate().expect("an IP address");
+        for bad in ["bad host", "", "*.metaraft.ns.svc"] {
+            c.tls.peer_names = vec!["10.0.0.7".into(), bad.into()];
+            let e = c.validate().expect_err(bad).to_string();
+            assert!(e.contains("tls.peer_names"), "{e}");
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+        let c = Config::from_toml(
+            "node_id = 1\n[tls]\ncert_file = \"a\"\nkey_file = \"b\"\nca_file = \"c\"\npeer_names = [\"m1\", \"m2\"]\n",
+        )
+        .expect("peer_names in the file");
+        assert_eq!(c.tls.peer_names, vec!["m1".to_string(), "m2".to_string()]);
+        c.validate().expect("valid");
     }
 
     #[test]

@@ -126,7 +126,11 @@ impl Server {
         // Every TLS file is read and checked before anything is bound or opened.
         let tls = match config.tls.files() {
             None => None,
-            Some(files) => Some(crate::tls::NodeTls::load(&files, config.tls.client_auth)?),
+            Some(files) => Some(crate::tls::NodeTls::load(
+                &files,
+                config.tls.client_auth,
+                &config.tls.peer_names,
+            )?),
         };
         let rcfg = Arc::new(raft_config(&config).map_err(ServerError::RaftConfig)?);
         std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {

@@ -7,17 +7,24 @@
 //! - Peer port: mutual TLS. Every node presents its certificate on both ends of a peer
 //!   connection, and each end verifies the other against the CA. A peer is checked against the
 //!   host part of the address it is dialled at (a DNS name or an IP address in the certificate's
-//!   subject alternative names).
+//!   subject alternative names). With `tls.peer_names`, a connecting peer's certificate must
+//!   also be valid for one of those names, so a CA that signs other services' certificates
+//!   too does not make those services members.
 //!
 //! ring is the one crypto provider, passed explicitly: nothing depends on a process-wide default.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
 
 /// What HTTP/2 over TLS is called in ALPN.
 const ALPN_H2: &[u8] = b"h2";
@@ -104,11 +111,86 @@ fn config_err(e: impl std::fmt::Display) -> TlsError {
     TlsError::Config(e.to_string())
 }
 
+/// Accepts a client certificate when `inner` does and it is also valid for one of `names`, as
+/// a TLS client checks a server's certificate against the name it dialled (subject alternative
+/// names, DNS or IP address; a wildcard certificate counts).
+#[derive(Debug)]
+struct AllowedNames {
+    inner: Arc<dyn ClientCertVerifier>,
+    names: Vec<ServerName<'static>>,
+}
+
+impl ClientCertVerifier for AllowedNames {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        if self
+            .names
+            .iter()
+            .any(|n| rustls::client::verify_server_name(&cert, n).is_ok())
+        {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The names of `tls.peer_names`, each a DNS name or an IP address.
+pub fn peer_names(names: &[String]) -> Result<Vec<ServerName<'static>>, TlsError> {
+    names.iter().map(|n| server_name(n)).collect()
+}
+
 /// A server configuration for a node's listener. `client_ca`: verify client certificates
 /// against these roots and refuse connections without one; `None`: no client certificates.
+/// `allowed`: when not empty, a client certificate must also be valid for one of these names.
 pub fn server_config(
     files: &TlsFiles,
     client_ca: Option<Arc<RootCertStore>>,
+    allowed: &[ServerName<'static>],
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs("certificate file", &files.cert_file)?;
     let key = load_key(&files.key_file)?;
@@ -117,11 +199,20 @@ pub fn server_config(
         .map_err(config_err)?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
-        Some(roots) => builder.with_client_cert_verifier(
-            WebPkiClientVerifier::builder_with_provider(roots, provider())
+        Some(roots) => {
+            let webpki = WebPkiClientVerifier::builder_with_provider(roots, provider())
                 .build()
-                .map_err(config_err)?,
-        ),
+                .map_err(config_err)?;
+            let verifier: Arc<dyn ClientCertVerifier> = if allowed.is_empty() {
+                webpki
+            } else {
+                Arc::new(AllowedNames {
+                    inner: webpki,
+                    names: allowed.to_vec(),
+                })
+            };
+            builder.with_client_cert_verifier(verifier)
+        }
     };
     let mut cfg = builder.with_single_cert(certs, key).map_err(|e| {
         TlsError::Config(format!(
@@ -193,11 +284,16 @@ pub struct NodeTls {
     pub peer_dialer: Live<ClientConfig>,
     files: TlsFiles,
     client_auth: bool,
+    peer_names: Vec<ServerName<'static>>,
 }
 
 type Configs = (Arc<ServerConfig>, Arc<ServerConfig>, Arc<ClientConfig>);
 
-fn build(files: &TlsFiles, client_auth: bool) -> Result<Configs, TlsError> {
+fn build(
+    files: &TlsFiles,
+    client_auth: bool,
+    peer_names: &[ServerName<'static>],
+) -> Result<Configs, TlsError> {
     let roots = load_roots(&files.ca_file)?;
     let client_roots = match client_auth {
         false => None,
@@ -205,29 +301,38 @@ fn build(files: &TlsFiles, client_auth: bool) -> Result<Configs, TlsError> {
         true => Some(load_roots(&files.client_ca_file)?),
     };
     Ok((
-        server_config(files, client_roots)?,
-        server_config(files, Some(roots.clone()))?,
+        server_config(files, client_roots, &[])?,
+        server_config(files, Some(roots.clone()), peer_names)?,
         client_config(roots, Some((&files.cert_file, &files.key_file)))?,
     ))
 }
 
 impl NodeTls {
     /// Loads and checks every file once, so a bad file stops the node before it binds anything.
-    pub fn load(files: &TlsFiles, client_auth: bool) -> Result<NodeTls, TlsError> {
-        let (client_port, peer_port, peer_dialer) = build(files, client_auth)?;
+    /// `peer_names` (`tls.peer_names`): when not empty, the peer port accepts only certificates
+    /// valid for one of them.
+    pub fn load(
+        files: &TlsFiles,
+        client_auth: bool,
+        peer_names: &[String],
+    ) -> Result<NodeTls, TlsError> {
+        let peer_names = self::peer_names(peer_names)?;
+        let (client_port, peer_port, peer_dialer) = build(files, client_auth, &peer_names)?;
         Ok(NodeTls {
             client_port: Live::new(client_port),
             peer_port: Live::new(peer_port),
             peer_dialer: Live::new(peer_dialer),
             files: files.clone(),
             client_auth,
+            peer_names,
         })
     }
 
     /// Reads every file again; when all of them load, new connections (accepted and dialled)
     /// use them. On any error nothing changes and the previous certificates stay in use.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let (client_port, peer_port, peer_dialer) = build(&self.files, self.client_auth)?;
+        let (client_port, peer_port, peer_dialer) =
+            build(&self.files, self.client_auth, &self.peer_names)?;
         self.client_port.set(client_port);
         self.peer_port.set(peer_port);
         self.peer_dialer.set(peer_dialer);
@@ -279,7 +384,7 @@ mod tests {
             client_ca_file: ca_file.clone(),
             ca_file,
         };
-        let node = NodeTls::load(&files, true).expect("good files load");
+        let node = NodeTls::load(&files, true, &[]).expect("good files load");
         // A reload that fails changes nothing; one that succeeds swaps every configuration.
         let before = node.client_port.get();
         std::fs::write(&files.cert_file, "garbage\n").expect("write");
@@ -293,15 +398,17 @@ mod tests {
             ca_file: d.path().join("nope.pem"),
             ..files.clone()
         };
-        let e = NodeTls::load(&missing, false).err().expect("missing CA");
+        let e = NodeTls::load(&missing, false, &[])
+            .err()
+            .expect("missing CA");
         assert!(e.to_string().contains("nope.pem"), "{e}");
         // A client CA of its own is read only when client certificates are asked for.
         let clients = TlsFiles {
             client_ca_file: d.path().join("no-clients.pem"),
             ..files.clone()
         };
-        NodeTls::load(&clients, false).expect("client CA unused");
-        let e = NodeTls::load(&clients, true)
+        NodeTls::load(&clients, false, &[]).expect("client CA unused");
+        let e = NodeTls::load(&clients, true, &[])
             .err()
             .expect("missing client CA");
         assert!(e.to_string().contains("no-clients.pem"), "{e}");
@@ -313,6 +420,7 @@ mod tests {
                 ..files.clone()
             },
             false,
+            &[],
         )
         .err()
         .expect("garbage certificate");
@@ -325,6 +433,7 @@ mod tests {
                 ..files.clone()
             },
             false,
+            &[],
         )
         .err()
         .expect("garbage key");
@@ -338,6 +447,7 @@ mod tests {
                 ..files.clone()
             },
             false,
+            &[],
         )
         .err()
         .expect("mismatched key");
@@ -348,6 +458,77 @@ mod tests {
         let e = load_certs("certificate file", &write(d.path(), "cut.pem", cut))
             .expect_err("truncated");
         assert!(e.to_string().contains("cut.pem"), "{e}");
+    }
+
+    /// A CA, and a certificate it signed for `names` (DER).
+    fn ca_and_leaf_for(names: &[&str]) -> (Arc<RootCertStore>, CertificateDer<'static>) {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let leaf =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("params")
+                .signed_by(&key, &ca_cert, &ca_key)
+                .expect("leaf");
+        let mut roots = RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).expect("root");
+        (Arc::new(roots), leaf.der().clone())
+    }
+
+    fn verifier(roots: Arc<RootCertStore>, names: &[&str]) -> AllowedNames {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        AllowedNames {
+            inner: WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .build()
+                .expect("verifier"),
+            names: peer_names(&names).expect("names"),
+        }
+    }
+
+    #[test]
+    fn peer_names_admit_only_certificates_valid_for_one_of_them() {
+        let now = UnixTime::now();
+        let (roots, member) = ca_and_leaf_for(&["metaraft-1.metaraft.ns.svc", "10.0.0.7"]);
+        let v = verifier(
+            roots.clone(),
+            &["metaraft-0.metaraft.ns.svc", "metaraft-1.metaraft.ns.svc"],
+        );
+        v.verify_client_cert(&member, &[], now)
+            .expect("a member by DNS name");
+        let v = verifier(roots.clone(), &["10.0.0.7"]);
+        v.verify_client_cert(&member, &[], now)
+            .expect("a member by IP address");
+
+        // Signed by the same CA but for another service: refused, and the error says why.
+        let v = verifier(roots, &["metaraft-0.metaraft.ns.svc", "10.0.0.8"]);
+        let e = v
+            .verify_client_cert(&member, &[], now)
+            .expect_err("a certificate for other names");
+        assert_eq!(
+            e,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+        );
+
+        // A wildcard certificate is valid for the names under it, and only those.
+        let (roots, wildcard) = ca_and_leaf_for(&["*.metaraft.ns.svc"]);
+        verifier(roots.clone(), &["metaraft-2.metaraft.ns.svc"])
+            .verify_client_cert(&wildcard, &[], now)
+            .expect("under the wildcard");
+        assert!(verifier(roots, &["metaraft.ns.svc", "a.b.metaraft.ns.svc"])
+            .verify_client_cert(&wildcard, &[], now)
+            .is_err());
+
+        // The CA is still checked first: the right name from another CA is refused.
+        let (other_roots, _) = ca_and_leaf_for(&["x"]);
+        let e = verifier(other_roots, &["metaraft-1.metaraft.ns.svc"])
+            .verify_client_cert(&member, &[], now)
+            .expect_err("another CA");
+        assert_ne!(
+            e,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+        );
     }
 
     #[test]

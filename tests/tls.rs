@@ -517,6 +517,32 @@ fn t02_bad_tls_files_stop_a_node_before_it_listens_and_name_the_file() {
         assert!(!out.status.success(), "started with {expect:?} wrong");
         assert!(err.contains(expect), "{err}");
     }
+    // A peer name that no certificate could carry, and peer names without TLS.
+    let good: Vec<&std::ffi::OsStr> = vec![
+        "--tls-cert-file".as_ref(),
+        pki.node_cert.as_os_str(),
+        "--tls-key-file".as_ref(),
+        pki.node_key.as_os_str(),
+        "--tls-ca-file".as_ref(),
+        pki.ca.as_os_str(),
+    ];
+    let out = serve(
+        &[
+            &good[..],
+            &["--tls-peer-names".as_ref(), "127.0.0.1,bad host".as_ref()],
+        ]
+        .concat(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with a bad peer name");
+    assert!(
+        err.contains("tls.peer_names") && err.contains("\"bad host\""),
+        "{err}"
+    );
+    let out = serve(&["--tls-peer-names".as_ref(), "127.0.0.1".as_ref()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with peer names and no TLS");
+    assert!(err.contains("tls.peer_names"), "{err}");
     // Client flags: each wrong combination or file is refused before anything is dialled.
     let junk = write(d.path(), "junk.pem", "not a certificate\n");
     let junk = junk.to_str().expect("utf-8 path");
@@ -634,4 +660,116 @@ async fn t03_sighup_reloads_certificates_for_new_connections_and_keeps_them_on_a
         .try_wait()
         .expect("wait")
         .is_none());
+}
+
+/// `NodeStatus` on a peer port, as a member would ask it, with `tls` as the caller's TLS.
+async fn peer_status(
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<tonic::Response<pb::peer::NodeStatusResponse>, tonic::Status> {
+    let pool =
+        metaraft::net::PeerPool::new(Default::default(), Some(metaraft::tls::Live::new(tls)));
+    let mut pc = pool.client(addr).expect("peer client");
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        pc.node_status(pb::peer::NodeStatusRequest { with_hash: false }),
+    )
+    .await
+    .expect("a refused peer must fail fast")
+}
+
+/// One CA for members and platform services alike (an organisation-wide CA): with
+/// `--tls-peer-names`, the members still form a cluster and forward writes over mutual TLS, a
+/// service's certificate from that CA is served on the client port and refused on the peer port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t04_peer_names_keep_other_certificates_of_the_same_ca_off_the_peer_port() {
+    use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    let _g = serial();
+    let pki = Pki::new();
+    let d = tempfile::tempdir().expect("tempdir");
+    // A platform service's certificate, signed by the members' own CA.
+    let (service, service_key) = issue(
+        &pki.ca_cert,
+        &pki.ca_key,
+        &["platform-service", "127.0.0.2"],
+        vec![ServerAuth, ClientAuth],
+    );
+    let service_cert = write(d.path(), "service.pem", &service);
+    let service_key = write(d.path(), "service.key", &service_key);
+    let service_tls = pki.client_tls(&pki.ca, Some((&service_cert, &service_key)));
+
+    let args = [
+        "--tls-cert-file",
+        pki.node_cert.to_str().expect("utf-8 path"),
+        "--tls-key-file",
+        pki.node_key.to_str().expect("utf-8 path"),
+        "--tls-ca-file",
+        pki.ca.to_str().expect("utf-8 path"),
+        "--tls-client-auth",
+        // Every member listens on 127.0.0.1 here; its certificate carries that address.
+        "--tls-peer-names",
+        "10.9.9.9,127.0.0.1",
+    ];
+    let mut c = TestCluster::start_with(3, &args, Some(service_tls.clone()));
+    let leader = c.wait_for_leader(Duration::from_secs(30)).await;
+    // Writes through every node: two of them forwarded to the leader over mutual TLS.
+    for i in 0..3 {
+        assert!(put(&c.client_at(i), &format!("k{i}"), &format!("v{i}")).await > 0);
+    }
+    let follower = (leader + 1) % 3;
+    assert_eq!(
+        get_value(&c.client_at(follower), "k2").await.as_deref(),
+        Some(&b"v2"[..])
+    );
+
+    let peer = c.nodes[follower].peer.clone();
+    let e = peer_status(&peer, service_tls)
+        .await
+        .expect_err("a service's certificate on the peer port");
+    assert!(!e.message().is_empty(), "{e:?}");
+    let member = peer_status(
+        &peer,
+        pki.client_tls(&pki.ca, Some((&pki.node_cert, &pki.node_key))),
+    )
+    .await
+    .expect("a member's certificate on the peer port");
+    assert_eq!(member.into_inner().node_id, c.nodes[follower].id);
+    let failures = metric(
+        &c.nodes[follower].ops,
+        "metaraft_tls_handshake_failures_total{port=\"peer\"}",
+    )
+    .await;
+    assert!(
+        failures >= 1,
+        "the refused handshake was counted: {failures}"
+    );
+    // The node's log says why: the certificate is the CA's, but for none of the peer names.
+    let log = c.log_text(follower);
+    assert!(log.contains("NotValidForName"), "{log}");
+
+    // A member that restarts rejoins through the same checks and catches up.
+    c.kill(follower);
+    put(&c.client_at(leader), "while-down", "x").await;
+    c.restart(follower);
+    // A linearizable read there: the read index comes from the leader over mutual TLS, and the
+    // member must have the write it missed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let at = c.client_at(follower);
+        let read = at.get(pb::GetRequest {
+            key: b"while-down".to_vec(),
+            read: linearizable(),
+        });
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), read).await {
+            if let Some(kv) = r.kv {
+                assert_eq!(kv.value, b"x");
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted member did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

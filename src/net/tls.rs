@@ -208,7 +208,7 @@ mod tests {
             ca_file: w("ca.pem", ca),
             client_ca_file: d.path().join("ca.pem"),
         };
-        let node = crate::tls::NodeTls::load(&files, false).expect("load");
+        let node = crate::tls::NodeTls::load(&files, false, &[]).expect("load");
 
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
