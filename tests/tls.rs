@@ -237,19 +237,7 @@ async fn t01_tls_cluster_serves_forwards_and_refuses_bad_clients_without_losing_
     let peer_addr = c.nodes[follower].peer.clone();
     let status_via = |tls: Arc<rustls::ClientConfig>| {
         let addr = peer_addr.clone();
-        async move {
-            let pool = metaraft::net::PeerPool::new(
-                Default::default(),
-                Some(metaraft::tls::Live::new(tls)),
-            );
-            let mut pc = pool.client(&addr).expect("peer client");
-            tokio::time::timeout(
-                Duration::from_secs(20),
-                pc.node_status(pb::peer::NodeStatusRequest { with_hash: false }),
-            )
-            .await
-            .expect("a refused peer must fail fast")
-        }
+        async move { peer_status(&addr, tls).await }
     };
     assert!(status_via(pki.client_tls(&pki.ca, None)).await.is_err());
     // A client's certificate is for the client port only: the peer port trusts the members' CA.
