@@ -37,6 +37,57 @@ pub enum ServerError {
     Raft(String),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error(
+        "node {node_id}: data directory {} is empty, but leader {leader} has replicated the log to \
+         this node up to index {index}: this node's data was lost, or data_dir points at the wrong \
+         directory. A node never rejoins under its old id with empty data (it could forget a vote \
+         or an entry the cluster counted on). Remove it (`metaraft cluster remove {node_id}`) and \
+         add this machine back as a new node with a new id: docs/operations.md, \"A node lost its \
+         data\"",
+        data_dir.display()
+    )]
+    DataLost {
+        node_id: u64,
+        data_dir: std::path::PathBuf,
+        leader: u64,
+        index: u64,
+    },
+}
+
+/// How long a node with an empty data directory waits for each peer's answer at start.
+const FRESH_START_CHECK: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A node whose data directory is empty asks the other initial members whether their leader has
+/// already replicated entries to it. If it has, the node's data was lost: rejoining under the old
+/// id could let it forget a vote or an entry the cluster counted on, and the leader would keep
+/// retrying a follower whose log went backwards. Best effort: with no leader reachable, or a
+/// leader that has not replicated to this node since it started, there is nothing to learn.
+async fn refuse_lost_data(config: &Config, pool: &PeerPool) -> Result<(), ServerError> {
+    let asks = config
+        .initial_members
+        .iter()
+        .filter(|(id, _)| **id != config.node_id)
+        .map(|(_, addr)| async move {
+            let mut c = pool.client(addr).ok()?;
+            let req = crate::pb::peer::NodeStatusRequest { with_hash: false };
+            let r = tokio::time::timeout(FRESH_START_CHECK, c.node_status(req))
+                .await
+                .ok()?
+                .ok()?;
+            Some(r.into_inner())
+        });
+    for s in futures::future::join_all(asks).await.into_iter().flatten() {
+        let index = s.replicated.get(&config.node_id).copied().unwrap_or(0);
+        if s.role == "leader" && index > 0 {
+            return Err(ServerError::DataLost {
+                node_id: config.node_id,
+                data_dir: config.data_dir.clone(),
+                leader: s.node_id,
+                index,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A running node. Drop or call `shutdown` to stop it.
@@ -154,6 +205,9 @@ impl Server {
             sm.lineage(),
             tls.as_ref().map(|t| t.peer_dialer.clone()),
         ));
+        if !config.initial_members.is_empty() && log.is_fresh()? && sm.applied_index() == 0 {
+            refuse_lost_data(&config, &pool).await?;
+        }
         let factory = NetworkFactory {
             self_id: config.node_id,
             pool: pool.clone(),

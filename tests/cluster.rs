@@ -933,3 +933,120 @@ async fn t11_concurrent_writes_on_the_leader_are_proposed_in_batches_and_each_an
     let converged = c.wait_converged(Duration::from_secs(20)).await;
     assert!(converged >= *distinct.last().expect("revisions"));
 }
+
+/// An initial member that starts late, with an empty data directory, joins and catches up; one
+/// whose data directory was wiped after it had taken part is refused at start (the leader has
+/// replicated to it), names the way back, and never disturbs the cluster; the way back (remove,
+/// a new id, add as learner, promote) works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t12_a_member_that_lost_its_data_is_refused_and_replaced_under_a_new_id() {
+    let _g = serial();
+    let mut c = TestCluster::start(0, &[]);
+    for id in 1..=3 {
+        c.add_spec(id, true);
+    }
+    c.spawn(0);
+    c.spawn(1);
+    c.wait_for_leader(Duration::from_secs(20)).await;
+    for i in 0..20 {
+        put(&c.client_at(0), &format!("early/{i}"), "v").await;
+    }
+    tracing_log("--- the third initial member starts late, never having taken part: it joins");
+    c.spawn(2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let late = c.client_at(2);
+        let read = late.get(pb::GetRequest {
+            key: b"early/19".to_vec(),
+            read: linearizable(),
+        });
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), read).await {
+            if r.kv.is_some() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late member did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let procs = &mut c.procs;
+    assert!(
+        procs[2]
+            .as_mut()
+            .expect("spawned")
+            .try_wait()
+            .expect("wait")
+            .is_none(),
+        "the late member must keep running"
+    );
+
+    tracing_log("--- a follower loses its data directory and is started again under its old id");
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    let wiped = (leader + 1) % 3;
+    c.kill(wiped);
+    std::fs::remove_dir_all(&c.nodes[wiped].data).expect("wipe");
+    c.spawn(wiped);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = c.procs[wiped]
+            .as_mut()
+            .expect("spawned")
+            .try_wait()
+            .expect("wait")
+        {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a node with lost data kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let log = c.log_text(wiped);
+    let id = c.nodes[wiped].id;
+    assert!(log.contains("is empty, but leader"), "{log}");
+    assert!(
+        log.contains(&format!("metaraft cluster remove {id}")),
+        "{log}"
+    );
+    // The others serve on, and a write through the leader still commits.
+    put(&c.client_at(leader), "after-wipe", "v").await;
+
+    tracing_log("--- the way back: remove the old id, add the machine as a new node");
+    let r = c.client_at(leader).remove(id).await.expect("remove");
+    assert!(!r.voters.contains(&id));
+    let n = c.add_node();
+    let (new_id, peer, client) = (
+        c.nodes[n].id,
+        c.nodes[n].peer.clone(),
+        c.nodes[n].client.clone(),
+    );
+    // The new process may still be opening its stores: retry until the leader can reach it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let r = loop {
+        let admin = c.client_at(leader);
+        let added = admin
+            .add_learner(new_id, peer.clone(), client.clone())
+            .await;
+        match added {
+            Ok(_) => match admin.promote(new_id).await {
+                Ok(r) => break r,
+                Err(e) => assert!(Instant::now() < deadline, "promote: {e}"),
+            },
+            Err(e) => assert!(Instant::now() < deadline, "add learner: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(r.voters.contains(&new_id));
+    assert_eq!(
+        get_value(&c.client_at(n), "after-wipe").await,
+        Some(b"v".to_vec())
+    );
+    assert_eq!(
+        get_value(&c.client_at(n), "early/0").await,
+        Some(b"v".to_vec())
+    );
+}

@@ -191,6 +191,7 @@ impl Peer for PeerService {
             client_addr: self.node.config.client_addr.clone(),
             dr_replica: self.node.dr_replica,
             cluster_id: self.node.sm.cluster_id().unwrap_or_default(),
+            replicated: s.replication.clone().into_iter().collect(),
         };
         if with_hash {
             let sm = self.node.sm.clone();

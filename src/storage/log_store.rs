@@ -174,6 +174,19 @@ impl LogStore {
         &self.inner.db
     }
 
+    /// True when this log has never been written: no vote, no entry, nothing purged. A node
+    /// whose log is fresh has taken part in no election and holds no entry.
+    pub fn is_fresh(&self) -> Result<bool, StorageError> {
+        let voted = self
+            .inner
+            .vote
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        let purged: Option<LogId> = self.get_meta(keys::LOG_PURGED, "last purged")?;
+        Ok(!voted && purged.is_none() && self.last_entry_log_id()?.is_none())
+    }
+
     fn get_meta<T: serde::de::DeserializeOwned>(
         &self,
         key: &[u8],
