@@ -71,6 +71,9 @@ pub struct Metrics {
     pub last_leader_contact_ms: AtomicU64,
     /// Unix ms when applied last caught up with the known commit index.
     pub caught_up_at_ms: AtomicU64,
+    /// Leader of more than one voter only: unix ms when a quorum last acknowledged it (0: not
+    /// such a leader, or not yet known).
+    pub quorum_acked_at_ms: AtomicU64,
     pub snapshots_received: AtomicU64,
     pub replicated_entries: AtomicU64,
     pub replicated_bytes: AtomicU64,
@@ -95,6 +98,7 @@ impl Default for Metrics {
             is_leader: AtomicU64::new(0),
             last_leader_contact_ms: AtomicU64::new(0),
             caught_up_at_ms: AtomicU64::new(0),
+            quorum_acked_at_ms: AtomicU64::new(0),
             snapshots_received: AtomicU64::new(0),
             replicated_entries: AtomicU64::new(0),
             replicated_bytes: AtomicU64::new(0),
@@ -162,6 +166,18 @@ impl Metrics {
                 0
             } else {
                 now.saturating_sub(contact)
+            },
+        );
+        let acked = self.quorum_acked_at_ms.load(Ordering::Relaxed);
+        gauge(
+            &mut out,
+            "metaraft_quorum_ack_age_ms",
+            "Leader of more than one voter: milliseconds since a quorum last acknowledged it; \
+             rising past the election timeout means it cannot commit (0 elsewhere).",
+            if acked == 0 {
+                0
+            } else {
+                now.saturating_sub(acked)
             },
         );
         gauge(

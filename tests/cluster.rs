@@ -1050,3 +1050,46 @@ async fn t12_a_member_that_lost_its_data_is_refused_and_replaced_under_a_new_id(
         Some(b"v".to_vec())
     );
 }
+
+/// The value of an unlabelled gauge on a node's ops port.
+async fn gauge(ops: &str, name: &str) -> u64 {
+    let text = http_get(ops, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// A leader that lost its quorum keeps calling itself leader (`metaraft_is_leader` 1) but
+/// cannot commit: `metaraft_quorum_ack_age_ms` says so, for an alert to fire on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t13_a_leader_without_a_quorum_shows_it_in_quorum_ack_age() {
+    let _g = serial();
+    let mut c = TestCluster::start(3, &[]);
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    put(&c.client_at(leader), "k", "v").await;
+    let ops = c.nodes[leader].ops.clone();
+    let healthy = gauge(&ops, "metaraft_quorum_ack_age_ms").await;
+    assert!(
+        healthy < 2_000,
+        "a healthy leader's quorum ack age: {healthy}"
+    );
+    for i in 0..3 {
+        if i != leader {
+            assert_eq!(
+                gauge(&c.nodes[i].ops, "metaraft_quorum_ack_age_ms").await,
+                0
+            );
+            c.kill(i);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let age = gauge(&ops, "metaraft_quorum_ack_age_ms").await;
+        if age >= 3_000 {
+            assert_eq!(gauge(&ops, "metaraft_is_leader").await, 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "quorum ack age stayed at {age}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
