@@ -188,7 +188,19 @@ impl Server {
             path: config.data_dir.clone(),
             source,
         })?;
-        // Bind first: a port clash is reported before anything is touched.
+        let metrics = Arc::new(Metrics::default());
+        let log = LogStore::open(&config.data_dir.join("log"), metrics.clone())?;
+        let sm = StateMachineStore::open(&config.data_dir, config.raft.dedup_window)?;
+        let pool = Arc::new(PeerPool::new(
+            sm.lineage(),
+            tls.as_ref().map(|t| t.peer_dialer.clone()),
+        ));
+        // Before this node binds its ports: initial members that start together then find each
+        // other's ports closed (an immediate refusal) instead of bound but not yet served (a
+        // wait for the whole timeout).
+        if !config.initial_members.is_empty() && log.is_fresh()? && sm.applied_index() == 0 {
+            refuse_lost_data(&config, &pool).await?;
+        }
         let peer_bind = config.peer_bind_addr();
         let peer_l = incoming(bind(peer_bind).await?, peer_bind)?;
         let client_l = incoming(bind(&config.client_addr).await?, &config.client_addr)?;
@@ -197,17 +209,6 @@ impl Server {
         } else {
             Some(bind(&config.ops_addr).await?)
         };
-
-        let metrics = Arc::new(Metrics::default());
-        let log = LogStore::open(&config.data_dir.join("log"), metrics.clone())?;
-        let sm = StateMachineStore::open(&config.data_dir, config.raft.dedup_window)?;
-        let pool = Arc::new(PeerPool::new(
-            sm.lineage(),
-            tls.as_ref().map(|t| t.peer_dialer.clone()),
-        ));
-        if !config.initial_members.is_empty() && log.is_fresh()? && sm.applied_index() == 0 {
-            refuse_lost_data(&config, &pool).await?;
-        }
         let factory = NetworkFactory {
             self_id: config.node_id,
             pool: pool.clone(),
