@@ -187,8 +187,10 @@ pub struct ServeArgs {
     /// Override raft.max_in_snapshot_log_to_keep.
     #[arg(long)]
     pub max_in_snapshot_log_to_keep: Option<u64>,
-    /// Log filter (RUST_LOG syntax).
-    #[arg(long, default_value = "info")]
+    /// Log filter (RUST_LOG syntax). openraft's own info lines are left out by default: they
+    /// repeat per message (about 15,000 a second when replication to a node keeps restarting);
+    /// `--log info` brings them back for an investigation.
+    #[arg(long, default_value = "info,openraft=warn")]
     pub log: String,
 }
 
