@@ -54,6 +54,9 @@ pub enum ServerError {
     },
 }
 
+/// How long a stopping node lets open RPCs finish before it closes its listeners anyway.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How long a node with an empty data directory waits for each peer's answer at start.
 const FRESH_START_CHECK: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -345,13 +348,30 @@ impl Server {
         self.node.promote_requested.subscribe()
     }
 
+    /// Stops accepting, stops Raft, and lets open RPCs finish for up to [`SHUTDOWN_GRACE`].
+    /// Past it, the listeners are closed with whatever is still open: a follower always has the
+    /// leader's replication stream open, and a `backup stream` client may be attached, and
+    /// neither ends by itself.
     pub async fn shutdown(self) {
         let _ = self.shutdown_tx.send(true);
         if let Err(e) = self.node.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-        for t in self.tasks {
-            let _ = t.await;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        let mut cut = 0;
+        for mut t in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                t.abort();
+                let _ = t.await;
+                cut += 1;
+            }
+        }
+        if cut > 0 {
+            tracing::info!(
+                listeners = cut,
+                grace_ms = SHUTDOWN_GRACE.as_millis() as u64,
+                "closed listeners with RPCs still open after the grace period"
+            );
         }
         tracing::info!(node = self.node.id, "node stopped");
     }

@@ -1093,3 +1093,42 @@ async fn t13_a_leader_without_a_quorum_shows_it_in_quorum_ack_age() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// SIGTERM stops every node cleanly and soon: a follower too, which always has the leader's
+/// replication stream open into it (before, its graceful shutdown waited for that stream
+/// forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t14_sigterm_stops_followers_and_the_leader_within_the_grace_period() {
+    let _g = serial();
+    let mut c = TestCluster::start(3, &[]);
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    put(&c.client_at(leader), "k", "v").await;
+    let follower = (leader + 1) % 3;
+    for i in [follower, leader] {
+        let child = c.procs[i].as_mut().expect("running");
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -TERM");
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "node {} still running 10 s after SIGTERM",
+                c.nodes[i].id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            status.success(),
+            "node {} exited with {status}",
+            c.nodes[i].id
+        );
+        assert!(c.log_text(i).contains("node stopped"));
+    }
+}
