@@ -70,15 +70,7 @@ async fn refuse_lost_data(config: &Config, pool: &PeerPool) -> Result<(), Server
         .initial_members
         .iter()
         .filter(|(id, _)| **id != config.node_id)
-        .map(|(_, addr)| async move {
-            let mut c = pool.client(addr).ok()?;
-            let req = crate::pb::peer::NodeStatusRequest { with_hash: false };
-            let r = tokio::time::timeout(FRESH_START_CHECK, c.node_status(req))
-                .await
-                .ok()?
-                .ok()?;
-            Some(r.into_inner())
-        });
+        .map(|(_, addr)| pool.node_status(addr, false, FRESH_START_CHECK));
     for s in futures::future::join_all(asks).await.into_iter().flatten() {
         let index = s.replicated.get(&config.node_id).copied().unwrap_or(0);
         if s.role == "leader" && index > 0 {

@@ -971,14 +971,8 @@ async fn t12_a_member_that_lost_its_data_is_refused_and_replaced_under_a_new_id(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let procs = &mut c.procs;
     assert!(
-        procs[2]
-            .as_mut()
-            .expect("spawned")
-            .try_wait()
-            .expect("wait")
-            .is_none(),
+        c.wait_exit(2, Duration::ZERO).await.is_none(),
         "the late member must keep running"
     );
 
@@ -988,22 +982,10 @@ async fn t12_a_member_that_lost_its_data_is_refused_and_replaced_under_a_new_id(
     c.kill(wiped);
     std::fs::remove_dir_all(&c.nodes[wiped].data).expect("wipe");
     c.spawn(wiped);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = c.procs[wiped]
-            .as_mut()
-            .expect("spawned")
-            .try_wait()
-            .expect("wait")
-        {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a node with lost data kept running"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = c
+        .wait_exit(wiped, Duration::from_secs(20))
+        .await
+        .expect("a node with lost data kept running");
     assert!(!status.success());
     let log = c.log_text(wiped);
     let id = c.nodes[wiped].id;
@@ -1105,25 +1087,18 @@ async fn t14_sigterm_stops_followers_and_the_leader_within_the_grace_period() {
     put(&c.client_at(leader), "k", "v").await;
     let follower = (leader + 1) % 3;
     for i in [follower, leader] {
-        let child = c.procs[i].as_mut().expect("running");
+        let pid = c.procs[i].as_ref().expect("running").id();
         let ok = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &pid.to_string()])
             .status()
             .expect("kill")
             .success();
         assert!(ok, "kill -TERM");
-        let t = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "node {} still running 10 s after SIGTERM",
-                c.nodes[i].id
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let id = c.nodes[i].id;
+        let status = c
+            .wait_exit(i, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("node {id} still running 10 s after SIGTERM"));
         assert!(
             status.success(),
             "node {} exited with {status}",

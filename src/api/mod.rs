@@ -340,24 +340,9 @@ impl Api {
             let (id, voter, node) = (*id, *voter, node.clone());
             let with_hash = r.with_hash;
             calls.push(async move {
-                let res = async {
-                    let mut c = pool.client(&addr)?;
-                    let req = pb::peer::NodeStatusRequest { with_hash };
-                    match tokio::time::timeout(
-                        std::time::Duration::from_secs(3),
-                        c.node_status(req),
-                    )
-                    .await
-                    {
-                        Err(_) => Err(crate::net::NetError::Unreachable {
-                            addr: addr.clone(),
-                            reason: "timeout".into(),
-                        }),
-                        Ok(Err(s)) => Err(crate::net::status_to_net(&addr, s)),
-                        Ok(Ok(r)) => Ok(r.into_inner()),
-                    }
-                }
-                .await;
+                let res = pool
+                    .node_status(&addr, with_hash, std::time::Duration::from_secs(3))
+                    .await;
                 (id, voter, node, res)
             });
         }

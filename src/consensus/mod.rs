@@ -605,9 +605,14 @@ impl Consensus {
                         .is_leader
                         .store(u64::from(m.state == ServerState::Leader), Ordering::Relaxed);
                     // A lone voter is its own quorum: nothing to wait for, nothing to report.
-                    let voters = m.membership_config.membership().voter_ids().count();
                     let acked_at = match (&m.last_quorum_acked, m.state) {
-                        (Some(t), ServerState::Leader) if voters > 1 => {
+                        (Some(t), ServerState::Leader)
+                            if m.membership_config
+                                .membership()
+                                .voter_ids()
+                                .nth(1)
+                                .is_some() =>
+                        {
                             let age = u64::try_from(openraft::Instant::elapsed(&**t).as_millis())
                                 .unwrap_or(u64::MAX);
                             crate::metrics::now_unix_ms().saturating_sub(age)

@@ -246,6 +246,27 @@ impl PeerPool {
     }
 }
 
+impl PeerPool {
+    /// The status of the node at `addr` (its peer port), or why there is none within `timeout`.
+    pub async fn node_status(
+        &self,
+        addr: &str,
+        with_hash: bool,
+        timeout: Duration,
+    ) -> Result<crate::pb::peer::NodeStatusResponse, NetError> {
+        let mut c = self.client(addr)?;
+        let req = crate::pb::peer::NodeStatusRequest { with_hash };
+        match tokio::time::timeout(timeout, c.node_status(req)).await {
+            Err(_) => Err(NetError::Unreachable {
+                addr: addr.into(),
+                reason: "timeout".into(),
+            }),
+            Ok(Err(s)) => Err(status_to_net(addr, s)),
+            Ok(Ok(r)) => Ok(r.into_inner()),
+        }
+    }
+}
+
 pub(crate) fn status_to_net(addr: &str, s: tonic::Status) -> NetError {
     match s.code() {
         tonic::Code::Unavailable

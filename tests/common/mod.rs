@@ -158,6 +158,25 @@ impl TestCluster {
         }
     }
 
+    /// Waits up to `timeout` for node `i`'s process to exit by itself; `None` if it still runs.
+    pub async fn wait_exit(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let child = self.procs[i].as_mut().expect("node not spawned");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return Some(s);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         self.spawn(i);
