@@ -3,6 +3,7 @@
 //! A deliberately tiny HTTP/1.1 responder (GET only, one request per connection): load balancers
 //! and Prometheus need nothing more, and it keeps a web framework out of the binary.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,7 +14,18 @@ use crate::consensus::Consensus;
 /// Lag (entries between commit and apply) above which /readyz says not ready.
 pub const READY_MAX_LAG: u64 = 1000;
 
-/// Readiness: member of a cluster with a known leader, and applied within READY_MAX_LAG of commit.
+/// How long a leader may go without a majority acknowledging it, or a follower or learner
+/// without hearing from a leader, before /readyz says not ready: twice the longest election
+/// timeout (2 s by default). Healthy, both stay under one heartbeat interval; past this a leader
+/// cannot commit (it keeps calling itself leader: openraft has no check-quorum step-down) and a
+/// follower is cut off (with pre-vote it keeps its old leader while no election can succeed).
+pub fn ready_max_silence_ms(c: &crate::config::Config) -> u64 {
+    c.raft.election_timeout_max_ms.saturating_mul(2)
+}
+
+/// Readiness: member of a cluster with a known leader that is in touch (see
+/// [`ready_max_silence_ms`]), and applied within READY_MAX_LAG of commit. The ages are the ones
+/// `/metrics` shows as `metaraft_quorum_ack_age_ms` and `metaraft_leader_contact_age_ms`.
 pub fn readiness(node: &Consensus) -> Result<String, String> {
     let s = node.local_status();
     let Some(leader) = s.leader else {
@@ -21,6 +33,27 @@ pub fn readiness(node: &Consensus) -> Result<String, String> {
     };
     if !s.members.contains_key(&node.id) {
         return Err("not a member of the cluster".into());
+    }
+    let max = ready_max_silence_ms(&node.config);
+    let now = crate::metrics::now_unix_ms();
+    if leader == node.id {
+        // 0: a lone voter, which is its own majority.
+        let acked = node.metrics.quorum_acked_at_ms.load(Ordering::Relaxed);
+        let age = now.saturating_sub(acked);
+        if acked != 0 && age > max {
+            return Err(format!(
+                "leader without a quorum: no majority has acknowledged it for {age} ms"
+            ));
+        }
+    } else {
+        let contact = node.metrics.last_leader_contact_ms.load(Ordering::Relaxed);
+        if contact == 0 {
+            return Err(format!("leader {leader} has not replicated to this node yet"));
+        }
+        let age = now.saturating_sub(contact);
+        if age > max {
+            return Err(format!("no contact from leader {leader} for {age} ms"));
+        }
     }
     let lag = s.commit_index.saturating_sub(s.applied_index);
     if lag > READY_MAX_LAG {

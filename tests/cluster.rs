@@ -1042,9 +1042,11 @@ async fn gauge(ops: &str, name: &str) -> u64 {
 }
 
 /// A leader that lost its quorum keeps calling itself leader (`metaraft_is_leader` 1) but
-/// cannot commit: `metaraft_quorum_ack_age_ms` says so, for an alert to fire on.
+/// cannot commit: `metaraft_quorum_ack_age_ms` says so, for an alert to fire on, and `/readyz`
+/// turns not ready, so a load balancer stops sending it requests. Both recover with a majority,
+/// and a follower left without a leader is not ready either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn t13_a_leader_without_a_quorum_shows_it_in_quorum_ack_age() {
+async fn t13_a_leader_without_a_quorum_shows_it_and_is_not_ready() {
     let _g = serial();
     let mut c = TestCluster::start(3, &[]);
     let leader = c.wait_for_leader(Duration::from_secs(20)).await;
@@ -1055,14 +1057,19 @@ async fn t13_a_leader_without_a_quorum_shows_it_in_quorum_ack_age() {
         healthy < 2_000,
         "a healthy leader's quorum ack age: {healthy}"
     );
-    for i in 0..3 {
-        if i != leader {
-            assert_eq!(
-                gauge(&c.nodes[i].ops, "metaraft_quorum_ack_age_ms").await,
-                0
-            );
-            c.kill(i);
-        }
+    // Idle for longer than the readiness limit (2 s): heartbeats keep every node ready.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    for n in &c.nodes {
+        let ready = http_get(&n.ops, "/readyz").await;
+        assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    }
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    for &i in &followers {
+        assert_eq!(
+            gauge(&c.nodes[i].ops, "metaraft_quorum_ack_age_ms").await,
+            0
+        );
+        c.kill(i);
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -1073,6 +1080,46 @@ async fn t13_a_leader_without_a_quorum_shows_it_in_quorum_ack_age() {
         }
         assert!(Instant::now() < deadline, "quorum ack age stayed at {age}");
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let ready = http_get(&ops, "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("leader without a quorum"),
+        "{ready}"
+    );
+    // A majority again: a leader (the old one or a new one) and ready once more.
+    c.restart(followers[0]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let now_leader = loop {
+        let l = c.wait_for_leader(Duration::from_secs(20)).await;
+        if http_get(&c.nodes[l].ops, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+        {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no ready leader after the restart");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    put(&c.client_at(now_leader), "k2", "v2").await;
+    // Its one follower, left alone, is not ready: no leader, or none in touch.
+    let lone = if now_leader == leader {
+        followers[0]
+    } else {
+        leader
+    };
+    c.kill(now_leader);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = http_get(&c.nodes[lone].ops, "/readyz").await;
+        if ready.starts_with("HTTP/1.1 503") {
+            assert!(
+                ready.contains("no known leader") || ready.contains("no contact from leader"),
+                "{ready}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "a follower alone stayed ready: {ready}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
