@@ -48,7 +48,9 @@ pub fn readiness(node: &Consensus) -> Result<String, String> {
     } else {
         let contact = node.metrics.last_leader_contact_ms.load(Ordering::Relaxed);
         if contact == 0 {
-            return Err(format!("leader {leader} has not replicated to this node yet"));
+            return Err(format!(
+                "leader {leader} has not replicated to this node yet"
+            ));
         }
         let age = now.saturating_sub(contact);
         if age > max {

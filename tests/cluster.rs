@@ -1097,7 +1097,10 @@ async fn t13_a_leader_without_a_quorum_shows_it_and_is_not_ready() {
         {
             break l;
         }
-        assert!(Instant::now() < deadline, "no ready leader after the restart");
+        assert!(
+            Instant::now() < deadline,
+            "no ready leader after the restart"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     put(&c.client_at(now_leader), "k2", "v2").await;
@@ -1118,7 +1121,10 @@ async fn t13_a_leader_without_a_quorum_shows_it_and_is_not_ready() {
             );
             break;
         }
-        assert!(Instant::now() < deadline, "a follower alone stayed ready: {ready}");
+        assert!(
+            Instant::now() < deadline,
+            "a follower alone stayed ready: {ready}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -1153,4 +1159,59 @@ async fn t14_sigterm_stops_followers_and_the_leader_within_the_grace_period() {
         );
         assert!(c.log_text(i).contains("node stopped"));
     }
+}
+
+/// User plus system CPU seconds of process `pid` so far (Linux, 100 ticks a second).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat format")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    ticks as f64 / 100.0
+}
+
+/// With a follower down, the leader retries it at the backoff's pace. Before, the replication
+/// stream failed before taking a request, which is where openraft applies its backoff: the
+/// leader retried at once, forever, at 98% of a core and about 135,000 log lines a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t15_a_follower_down_costs_the_leader_little() {
+    let _g = serial();
+    let mut c = TestCluster::start(3, &[]);
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    put(&c.client_at(leader), "k", "v").await;
+    let down = (leader + 1) % 3;
+    let peer = c.nodes[down].peer.clone();
+    c.kill(down);
+    put(&c.client_at(leader), "k2", "v2").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = c.pid(leader).expect("leader runs");
+    let lines = |c: &TestCluster| {
+        c.log_text(leader)
+            .lines()
+            .filter(|l| l.contains(&peer))
+            .count()
+    };
+    let (lines0, cpu0, t0) = (lines(&c), cpu_seconds(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (lines1, cpu1) = (lines(&c), cpu_seconds(pid));
+    let busy = (cpu1 - cpu0) / t0.elapsed().as_secs_f64();
+    assert!(
+        lines1 - lines0 < 300,
+        "{} log lines about the down follower in 3 s",
+        lines1 - lines0
+    );
+    assert!(
+        busy < 0.5,
+        "an idle leader used {:.0}% of a core",
+        busy * 100.0
+    );
+    // It still commits with the other follower, and the down one catches up when back.
+    put(&c.client_at(leader), "k3", "v3").await;
+    c.spawn(down);
+    c.wait_converged(Duration::from_secs(20)).await;
 }

@@ -177,6 +177,11 @@ impl TestCluster {
         }
     }
 
+    /// The OS pid of node `i`'s process, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.procs[i].as_ref().map(|p| p.id())
+    }
+
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         self.spawn(i);
