@@ -75,6 +75,8 @@ pub struct Metrics {
     /// such a leader, or not yet known).
     pub quorum_acked_at_ms: AtomicU64,
     pub snapshots_received: AtomicU64,
+    /// Leader: times a member answered that it lacks entries it had acknowledged (net::lost).
+    pub lost_data_detections: AtomicU64,
     pub replicated_entries: AtomicU64,
     pub replicated_bytes: AtomicU64,
     /// TLS handshakes that failed or timed out, on the client and the peer port.
@@ -100,6 +102,7 @@ impl Default for Metrics {
             caught_up_at_ms: AtomicU64::new(0),
             quorum_acked_at_ms: AtomicU64::new(0),
             snapshots_received: AtomicU64::new(0),
+            lost_data_detections: AtomicU64::new(0),
             replicated_entries: AtomicU64::new(0),
             replicated_bytes: AtomicU64::new(0),
             tls_failed_client: AtomicU64::new(0),
@@ -193,6 +196,14 @@ impl Metrics {
             "metaraft_snapshots_received_total",
             "Snapshots streamed to this node by a leader.",
             self.snapshots_received.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP metaraft_lost_data_detections_total Leader: times a member answered that it \
+             lacks log entries it had acknowledged (its data was lost; reported at most every \
+             30 s per member).\n# TYPE metaraft_lost_data_detections_total counter\n\
+             metaraft_lost_data_detections_total {}",
+            self.lost_data_detections.load(Ordering::Relaxed)
         );
         gauge(
             &mut out,

@@ -211,6 +211,8 @@ impl Server {
                 .raft
                 .snapshot_min_bandwidth_mb_s
                 .saturating_mul(1 << 20),
+            lost: Arc::default(),
+            metrics: metrics.clone(),
         };
         let raft = Raft::new(config.node_id, rcfg, factory, log.clone(), sm.clone())
             .await

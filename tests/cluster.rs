@@ -1031,6 +1031,41 @@ async fn t12_a_member_that_lost_its_data_is_refused_and_replaced_under_a_new_id(
         get_value(&c.client_at(n), "early/0").await,
         Some(b"v".to_vec())
     );
+
+    tracing_log("--- a member added with add-learner (no initial members) loses its data");
+    // It cannot be refused at start (it knows no peers): the leader notices instead. Before,
+    // openraft stopped replicating to it without a word, and it stayed a voter holding nothing.
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
+    assert_ne!(
+        leader, n,
+        "a new voter fresh from a snapshot does not lead yet"
+    );
+    c.kill(n);
+    std::fs::remove_dir_all(&c.nodes[n].data).expect("wipe");
+    c.spawn(n);
+    put(&c.client_at(leader), "after-second-wipe", "v").await;
+    let ops = c.nodes[leader].ops.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gauge(&ops, "metaraft_lost_data_detections_total").await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the leader did not notice node {new_id}'s lost data"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = c.log_text(leader);
+    assert!(
+        log.contains(&format!(
+            "node {new_id} lost log entries it had acknowledged"
+        )) && log.contains(&format!("metaraft cluster remove {new_id}")),
+        "{log}"
+    );
+    // Reported once, not once per heartbeat.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(gauge(&ops, "metaraft_lost_data_detections_total").await, 1);
+    let ready = http_get(&c.nodes[n].ops, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    put(&c.client_at(leader), "still-commits", "v").await;
 }
 
 /// The value of an unlabelled gauge on a node's ops port.

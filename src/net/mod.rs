@@ -8,6 +8,7 @@
 //!   temporary directory that is fsync'd and renamed before openraft installs it.
 
 pub mod dial;
+pub mod lost;
 pub mod service;
 pub mod snapshot;
 pub mod tls;
@@ -291,6 +292,9 @@ pub struct NetworkFactory {
     pub pool: Arc<PeerPool>,
     /// Bytes per second a snapshot transfer may be as slow as (sets its timeout with its size).
     pub snapshot_min_bytes_per_sec: u64,
+    /// Members found to have lost acknowledged entries (see [`lost`]).
+    pub lost: Arc<lost::LostMembers>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -303,6 +307,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.peer_addr.clone(),
             pool: self.pool.clone(),
             snapshot_min_bytes_per_sec: self.snapshot_min_bytes_per_sec,
+            guard: lost::ReversionGuard::new(target, self.lost.clone(), self.metrics.clone()),
         }
     }
 }
@@ -313,6 +318,7 @@ pub struct PeerNetwork {
     addr: String,
     pool: Arc<PeerPool>,
     snapshot_min_bytes_per_sec: u64,
+    guard: lost::ReversionGuard,
 }
 
 /// The timeout of one snapshot transfer: the configured floor, or long enough to move `bytes`
@@ -376,10 +382,29 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(&option, &rpc, |mut c, b| async move {
-            c.append_entries(b).await
-        })
-        .await
+        self.guard.sending(&rpc.vote);
+        let prev = rpc.prev_log_id.map(|l| l.index);
+        let last = rpc.entries.last().map(|e| e.log_id.index).or(prev);
+        let resp: AppendEntriesResponse<TypeConfig> = self
+            .call(&option, &rpc, |mut c, b| async move {
+                c.append_entries(b).await
+            })
+            .await?;
+        match &resp {
+            AppendEntriesResponse::Success => {
+                if let Some(l) = last {
+                    self.guard.acknowledged(l);
+                }
+            }
+            AppendEntriesResponse::PartialSuccess(Some(l)) => self.guard.acknowledged(l.index),
+            AppendEntriesResponse::Conflict => {
+                if let Some(p) = prev {
+                    self.guard.conflict(p);
+                }
+            }
+            _ => {}
+        }
+        Ok(resp)
     }
 
     fn stream_append<'s, S>(
@@ -418,11 +443,15 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             };
             let mut client = self.pool.client(&self.addr).map_err(to_rpc_err)?;
             let addr = self.addr.clone();
+            let (sent, answered) = (self.guard.clone(), self.guard.clone());
             // An encode failure sends an empty message, which the receiver rejects: never a gap.
             let out = futures::stream::iter(Some(first))
                 .chain(input)
-                .map(|req| Blob {
-                    data: encode(&req).unwrap_or_default(),
+                .map(move |req| {
+                    sent.sending(&req.vote);
+                    Blob {
+                        data: encode(&req).unwrap_or_default(),
+                    }
                 });
             let resp = client
                 .append_stream(out)
@@ -432,7 +461,15 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
                 let blob = item.map_err(|s| to_rpc_err(status_to_net(&addr, s)))?;
                 let r: Result<openraft::raft::StreamAppendResult<TypeConfig>, String> =
                     decode(&blob.data).map_err(net_err)?;
-                r.map_err(net_err)
+                let r = r.map_err(net_err)?;
+                match &r {
+                    Ok(Some(matching)) => answered.acknowledged(matching.index),
+                    Err(openraft::raft::StreamAppendError::Conflict(c)) => {
+                        answered.conflict(c.index);
+                    }
+                    _ => {}
+                }
+                Ok(r)
             });
             let boxed: openraft::base::BoxStream<'s, _> = Box::pin(strm);
             Ok(boxed)
