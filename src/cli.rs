@@ -189,8 +189,13 @@ pub struct ServeArgs {
     pub max_in_snapshot_log_to_keep: Option<u64>,
     /// Log filter (RUST_LOG syntax). openraft's own info lines are left out by default: they
     /// repeat per message (about 15,000 a second when replication to a node keeps restarting);
-    /// `--log info` brings them back for an investigation.
-    #[arg(long, default_value = "info,openraft=warn")]
+    /// `--log info` brings them back for an investigation. So are its warnings about failed
+    /// heartbeats: ten a second per unreachable peer, while its replication stream's errors
+    /// (about one a second, with backoff) already name that peer.
+    #[arg(
+        long,
+        default_value = "info,openraft=warn,openraft::core::heartbeat=error"
+    )]
     pub log: String,
 }
 

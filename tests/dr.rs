@@ -183,7 +183,7 @@ async fn d02_dr_replica_catches_up_by_snapshot_and_reports_it() {
             "0",
         ],
     );
-    c.wait_for_leader(Duration::from_secs(20)).await;
+    let leader = c.wait_for_leader(Duration::from_secs(20)).await;
     let dr = c.add_spec(4, false);
     c.nodes[dr].extra = vec!["--dr-replica".into()];
     c.spawn(dr);
@@ -198,6 +198,14 @@ async fn d02_dr_replica_catches_up_by_snapshot_and_reports_it() {
     c.kill(dr);
     for i in 0..600 {
         put(&client, &format!("while-down/{i}"), "x").await;
+    }
+    // The leader purges its log between two attempts to reach the replica (openraft keeps what
+    // an attempt in flight may send, and attempts are spaced by the replication backoff): wait
+    // for a purge past what the replica holds, so that it can only catch up by snapshot.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while purged_up_to(&c.log_text(leader)) < 400 {
+        assert!(Instant::now() < deadline, "the leader never purged its log");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.restart(dr);
     let drc = c.client_at(dr);
@@ -259,4 +267,22 @@ async fn d02_dr_replica_catches_up_by_snapshot_and_reports_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("exactly one endpoint"));
     let s = dr_status(&drc).await;
     assert!(s.dr_replica && s.role == "learner", "{s:?}");
+}
+
+/// The highest index openraft logged a purge up to (its info line `purge log, ..., purge_upto:
+/// T1-N3.599`), 0 if none.
+fn purged_up_to(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("purge log"))
+        .filter_map(|l| {
+            l.rsplit_once("purge_upto: ")?
+                .1
+                .rsplit_once('.')?
+                .1
+                .trim()
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
 }
