@@ -12,7 +12,8 @@
 //!                    (read-index, session, stale), membership
 //! net/               peer transport: Raft RPCs and snapshot streaming over gRPC (tonic); the
 //!                    dialer of every outgoing connection; TLS listeners (net/tls.rs); the
-//!                    leader's check for members that lost acknowledged entries (net/lost.rs)
+//!                    leader's check for members that lost acknowledged entries (net/lost.rs);
+//!                    commit-only appends folded into the next append (net/coalesce.rs)
 //! fsm/               deterministic state machine: apply(state, index, command) -> (mutations, response)
 //! fsm/meta/          the metadata domain: records, apply rules, secondary indexes, queries, RBAC index
 //! storage/           the only RocksDB user: log store (group commit), state-machine store, checkpoints

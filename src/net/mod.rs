@@ -7,6 +7,7 @@
 //! - [`snapshot`]: streaming a checkpoint directory in CRC-checked chunks and receiving it into a
 //!   temporary directory that is fsync'd and renamed before openraft installs it.
 
+pub mod coalesce;
 pub mod dial;
 pub mod lost;
 pub mod service;
@@ -445,14 +446,13 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             let addr = self.addr.clone();
             let (sent, answered) = (self.guard.clone(), self.guard.clone());
             // An encode failure sends an empty message, which the receiver rejects: never a gap.
-            let out = futures::stream::iter(Some(first))
-                .chain(input)
-                .map(move |req| {
-                    sent.sending(&req.vote);
-                    Blob {
-                        data: encode(&req).unwrap_or_default(),
-                    }
-                });
+            let input = futures::stream::iter(Some(first)).chain(input);
+            let out = coalesce::fold_commit_only(input, coalesce::COMMIT_HOLD).map(move |req| {
+                sent.sending(&req.vote);
+                Blob {
+                    data: encode(&req).unwrap_or_default(),
+                }
+            });
             let resp = client
                 .append_stream(out)
                 .await
