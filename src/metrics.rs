@@ -154,34 +154,35 @@ impl Metrics {
             .observe(&LATENCY_BUCKETS, d.as_secs_f64());
     }
 
+    /// Milliseconds at `now` since a leader last replicated to this node; `None` if none has.
+    pub fn leader_contact_age_ms(&self, now: u64) -> Option<u64> {
+        age(self.last_leader_contact_ms.load(Ordering::Relaxed), now)
+    }
+
+    /// Milliseconds at `now` since a quorum last acknowledged this node as leader; `None` when
+    /// it is not a leader of more than one voter (or no acknowledgement is known yet).
+    pub fn quorum_ack_age_ms(&self, now: u64) -> Option<u64> {
+        age(self.quorum_acked_at_ms.load(Ordering::Relaxed), now)
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
         let now = now_unix_ms();
-        let contact = self.last_leader_contact_ms.load(Ordering::Relaxed);
         gauge(
             &mut out,
             "metaraft_leader_contact_age_ms",
             "Milliseconds since a leader last replicated to this node (0: never).",
-            if contact == 0 {
-                0
-            } else {
-                now.saturating_sub(contact)
-            },
+            self.leader_contact_age_ms(now).unwrap_or(0),
         );
-        let acked = self.quorum_acked_at_ms.load(Ordering::Relaxed);
         gauge(
             &mut out,
             "metaraft_quorum_ack_age_ms",
             "Leader of more than one voter: milliseconds since a quorum last acknowledged it; \
              rising past the election timeout means it cannot commit (0 elsewhere).",
-            if acked == 0 {
-                0
-            } else {
-                now.saturating_sub(acked)
-            },
+            self.quorum_ack_age_ms(now).unwrap_or(0),
         );
         gauge(
             &mut out,
@@ -277,6 +278,11 @@ impl Metrics {
         }
         out
     }
+}
+
+/// `now - at_ms`, for a unix-ms stamp where 0 means "never".
+fn age(at_ms: u64, now: u64) -> Option<u64> {
+    (at_ms != 0).then(|| now.saturating_sub(at_ms))
 }
 
 pub fn now_unix_ms() -> u64 {

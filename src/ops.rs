@@ -3,7 +3,6 @@
 //! A deliberately tiny HTTP/1.1 responder (GET only, one request per connection): load balancers
 //! and Prometheus need nothing more, and it keeps a web framework out of the binary.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,24 +36,23 @@ pub fn readiness(node: &Consensus) -> Result<String, String> {
     let max = ready_max_silence_ms(&node.config);
     let now = crate::metrics::now_unix_ms();
     if leader == node.id {
-        // 0: a lone voter, which is its own majority.
-        let acked = node.metrics.quorum_acked_at_ms.load(Ordering::Relaxed);
-        let age = now.saturating_sub(acked);
-        if acked != 0 && age > max {
+        // None: a lone voter, which is its own majority.
+        if let Some(age) = node.metrics.quorum_ack_age_ms(now).filter(|&a| a > max) {
             return Err(format!(
                 "leader without a quorum: no majority has acknowledged it for {age} ms"
             ));
         }
     } else {
-        let contact = node.metrics.last_leader_contact_ms.load(Ordering::Relaxed);
-        if contact == 0 {
-            return Err(format!(
-                "leader {leader} has not replicated to this node yet"
-            ));
-        }
-        let age = now.saturating_sub(contact);
-        if age > max {
-            return Err(format!("no contact from leader {leader} for {age} ms"));
+        match node.metrics.leader_contact_age_ms(now) {
+            None => {
+                return Err(format!(
+                    "leader {leader} has not replicated to this node yet"
+                ))
+            }
+            Some(age) if age > max => {
+                return Err(format!("no contact from leader {leader} for {age} ms"))
+            }
+            Some(_) => {}
         }
     }
     let lag = s.commit_index.saturating_sub(s.applied_index);

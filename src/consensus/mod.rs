@@ -493,7 +493,6 @@ impl Consensus {
         let lag = s.commit_index.saturating_sub(s.applied_index);
         let entries = m.replicated_entries.load(Ordering::Relaxed);
         let bytes = m.replicated_bytes.load(Ordering::Relaxed);
-        let contact = m.last_leader_contact_ms.load(Ordering::Relaxed);
         let caught = m.caught_up_at_ms.load(Ordering::Relaxed);
         crate::pb::DrStatusResponse {
             node_id: self.id,
@@ -510,11 +509,7 @@ impl Consensus {
             } else {
                 now.saturating_sub(caught)
             },
-            last_contact_ms_ago: if contact == 0 {
-                0
-            } else {
-                now.saturating_sub(contact)
-            },
+            last_contact_ms_ago: m.leader_contact_age_ms(now).unwrap_or(0),
             snapshots_received: m.snapshots_received.load(Ordering::Relaxed),
             role: s.role.to_string(),
         }

@@ -84,14 +84,6 @@ impl ReversionGuard {
         if acked == 0 || index >= acked {
             return false;
         }
-        let why = format!(
-            "node {t} lost log entries it had acknowledged: it lacks entry {index} but had \
-             acknowledged up to {last}; its data directory was wiped or replaced. It still counts \
-             as a voter but receives nothing. Remove it (`metaraft cluster remove {t}`) and add \
-             it back under a new id (docs/operations.md, \"A node lost its data\")",
-            t = self.target,
-            last = acked - 1,
-        );
         // Heartbeats meet the same gap ten times a second.
         let mut marks = self.lost.lock();
         if marks
@@ -102,7 +94,17 @@ impl ReversionGuard {
             self.metrics
                 .lost_data_detections
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::error!(node = self.target, index, acked = acked - 1, "{why}");
+            tracing::error!(
+                node = self.target,
+                index,
+                acked = acked - 1,
+                "node {t} lost log entries it had acknowledged: it lacks entry {index} but had \
+                 acknowledged up to {last}; its data directory was wiped or replaced. It still \
+                 counts as a voter but receives nothing. Remove it (`metaraft cluster remove {t}`) \
+                 and add it back under a new id (docs/operations.md, \"A node lost its data\")",
+                t = self.target,
+                last = acked - 1,
+            );
         }
         true
     }

@@ -383,29 +383,12 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.guard.sending(&rpc.vote);
-        let prev = rpc.prev_log_id.map(|l| l.index);
-        let last = rpc.entries.last().map(|e| e.log_id.index).or(prev);
-        let resp: AppendEntriesResponse<TypeConfig> = self
-            .call(&option, &rpc, |mut c, b| async move {
-                c.append_entries(b).await
-            })
-            .await?;
-        match &resp {
-            AppendEntriesResponse::Success => {
-                if let Some(l) = last {
-                    self.guard.acknowledged(l);
-                }
-            }
-            AppendEntriesResponse::PartialSuccess(Some(l)) => self.guard.acknowledged(l.index),
-            AppendEntriesResponse::Conflict => {
-                if let Some(p) = prev {
-                    self.guard.conflict(p);
-                }
-            }
-            _ => {}
-        }
-        Ok(resp)
+        // openraft calls this only from its default `stream_append`, which is overridden
+        // below; replication and heartbeats both go through `stream_append`.
+        self.call(&option, &rpc, |mut c, b| async move {
+            c.append_entries(b).await
+        })
+        .await
     }
 
     fn stream_append<'s, S>(
