@@ -13,6 +13,11 @@
 //! order never changes. openraft acknowledges cumulatively (its in-flight queue drains every
 //! request up to the matching log id an answer names), so one answer covers both.
 //!
+//! The input is never polled after it ended: openraft's request stream is an `unfold` that
+//! panics when polled again, and a held request is released exactly when the input ends, so the
+//! next poll would otherwise reach the ended input (a panic on every step-down, transfer and
+//! unreachable peer, in the HTTP/2 body task).
+//!
 //! The cost: under write load a follower learns a commit up to `hold` later (tokio's timer
 //! rounds up to its 1 ms tick). Heartbeats are separate one-request streams and never wait: a
 //! stream that ends releases what it holds at once.
@@ -35,6 +40,8 @@ pub fn fold_commit_only<S>(input: S, hold: Duration) -> impl Stream<Item = Req> 
 where
     S: Stream<Item = Req> + Send + Unpin + 'static,
 {
+    // Fused: once the input has ended it answers `None` without being polled again.
+    let input = input.fuse();
     // (input, the held entry-less request, a request taken while holding that goes next)
     futures::stream::unfold(
         (input, None::<Req>, None::<Req>),
@@ -64,6 +71,8 @@ where
             }
         },
     )
+    // And so is the output, for whoever polls it after its end.
+    .fuse()
 }
 
 #[cfg(test)]
@@ -170,6 +179,68 @@ mod tests {
         .await;
         assert_eq!(out.len(), 1);
         assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    /// Panics when polled after it ended, as openraft's request stream (an `unfold`) does.
+    struct StrictEnd<S> {
+        inner: S,
+        ended: bool,
+    }
+
+    impl<S: Stream + Unpin> Stream for StrictEnd<S> {
+        type Item = S::Item;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<S::Item>> {
+            assert!(!self.ended, "polled after it returned Ready(None)");
+            let r = std::pin::Pin::new(&mut self.inner).poll_next(cx);
+            if let std::task::Poll::Ready(None) = r {
+                self.ended = true;
+            }
+            r
+        }
+    }
+
+    fn strict(reqs: Vec<Req>) -> StrictEnd<futures::stream::Iter<std::vec::IntoIter<Req>>> {
+        StrictEnd {
+            inner: futures::stream::iter(reqs),
+            ended: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_input_that_ended_is_never_polled_again() {
+        let hold = Duration::from_secs(5);
+        // The input ends while a commit-only append is held: it goes out, then the fold ends.
+        for reqs in [
+            vec![req(10, 10, 10)],
+            vec![req(10, 12, 9), req(12, 12, 12)],
+            vec![req(10, 10, 10), req(10, 10, 11)],
+            vec![req(10, 10, 10), req(11, 12, 12)],
+            vec![],
+        ] {
+            let n = reqs.len();
+            let out: Vec<Req> = fold_commit_only(strict(reqs), hold).collect().await;
+            assert!(out.len() <= n.max(1));
+        }
+        // Polling the fold itself after its end stays harmless.
+        let mut out = Box::pin(fold_commit_only(strict(vec![req(10, 10, 10)]), hold));
+        assert!(out.next().await.is_some());
+        assert!(out.next().await.is_none());
+        assert!(out.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_replication_stream_ending_mid_hold_through_a_chain_does_not_panic() {
+        // What `stream_append` builds: the first request taken out, chained before the rest.
+        let rest = strict(vec![req(10, 10, 10)]);
+        let input = futures::stream::iter(Some(req(9, 10, 9))).chain(rest);
+        let out: Vec<_> = fold_commit_only(input, Duration::from_secs(5))
+            .map(|r| shape(&r))
+            .collect()
+            .await;
+        assert_eq!(out, vec![(9, 1, 9), (10, 0, 10)]);
     }
 
     #[tokio::test]
