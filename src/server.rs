@@ -249,9 +249,7 @@ impl Server {
                 .max_encoding_message_size(MAX_PEER_MESSAGE),
             crate::net::CheckLineage(node.sm.lineage()),
         );
-        let router = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(peer_svc);
+        let router = crate::net::peer_server().add_service(peer_svc);
         tasks.push(tokio::spawn(serve_port(
             router,
             peer_l,

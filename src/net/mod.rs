@@ -53,6 +53,23 @@ pub enum NetError {
 /// Max gRPC message size between peers (append batches can be large).
 pub const MAX_PEER_MESSAGE: usize = 64 << 20;
 
+/// How many streams a peer may open and cancel before the server has taken them, per
+/// connection. h2's default of 20 guards against the "rapid reset" flood, but a partition
+/// produces exactly that pattern honestly: every heartbeat, forward and read-index call made
+/// while packets are dropped times out and is cancelled, and at the heal TCP delivers all of
+/// them, opened and cancelled, in one burst. Past the limit h2 closes the whole connection
+/// (GOAWAY, "remotely-reset pending-accept streams reached limit"), failing every call on it at
+/// the moment the peer comes back. The bound stays: a connection that is dead for longer than
+/// the keepalive (10 s) is dropped by its client, and 10 s of calls fits well within it.
+pub const MAX_PENDING_ACCEPT_RESETS: usize = 4096;
+
+/// The peer port's HTTP/2 server, as the node and the tests run it.
+pub fn peer_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_max_pending_accept_reset_streams(None)
+}
+
 /// One lazily connected channel per peer address.
 #[derive(Default)]
 pub struct PeerPool {
@@ -468,6 +485,31 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             .await
     }
 
+    /// A real Pre-Vote round trip. openraft's default answers "granted" without asking, so an
+    /// isolated follower won the pre-vote on its own, raised its term at every election timeout
+    /// and, on rejoining, deposed the healthy leader with it.
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.guard_self()?;
+        let r: Result<Result<VoteResponse<TypeConfig>, String>, NetError> = self
+            .pool
+            .call_blob(&self.addr, option.hard_ttl(), &rpc, |mut c, b| async move {
+                c.pre_vote(b).await
+            })
+            .await;
+        match r {
+            Ok(answer) => answer.map_err(net_err),
+            Err(NetError::Status {
+                code: tonic::Code::Unimplemented,
+                ..
+            }) => Ok(VoteResponse::new(rpc.vote, None, true)),
+            Err(e) => Err(to_rpc_err(e)),
+        }
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: Vote,
@@ -511,264 +553,4 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use tonic::{Request, Response, Status, Streaming};
-
-    use super::*;
-    use crate::consensus::Forwarded;
-    use crate::fsm::{Command, Request as Write, Response as WriteResult};
-    use crate::pb::peer::peer_server::{Peer, PeerServer};
-    use crate::pb::peer::{
-        NodeStatusRequest, NodeStatusResponse, ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
-    };
-
-    /// A leader that answers each forwarded Put with its key's number as the revision.
-    /// `has_batch: false` plays a leader from before ForwardBatch; `short: true` one that
-    /// answers a batch with one result too few.
-    #[derive(Default)]
-    struct FakeLeader {
-        has_batch: bool,
-        short: bool,
-        batch_calls: AtomicUsize,
-        single_calls: AtomicUsize,
-    }
-
-    fn answer(w: &Write) -> Forwarded<WriteResult> {
-        match &w.command {
-            Command::Put { key, .. } => Forwarded::Ok(WriteResult::Put {
-                revision: String::from_utf8_lossy(key).parse().unwrap_or(0),
-                prev_revision: 0,
-            }),
-            _ => Forwarded::Failed("unexpected command".into()),
-        }
-    }
-
-    fn put(n: u64) -> Write {
-        Write::new(
-            "",
-            Command::Put {
-                key: n.to_string().into_bytes(),
-                value: b"v".to_vec(),
-                expected_revision: None,
-            },
-        )
-    }
-
-    fn revision(r: &Result<Forwarded<WriteResult>, NetError>) -> Option<u64> {
-        match r {
-            Ok(Forwarded::Ok(WriteResult::Put { revision, .. })) => Some(*revision),
-            _ => None,
-        }
-    }
-
-    #[tonic::async_trait]
-    impl Peer for Arc<FakeLeader> {
-        async fn append_entries(&self, _: Request<Blob>) -> Result<Response<Blob>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        type AppendStreamStream =
-            std::pin::Pin<Box<dyn futures::Stream<Item = Result<Blob, Status>> + Send + 'static>>;
-        async fn append_stream(
-            &self,
-            _: Request<Streaming<Blob>>,
-        ) -> Result<Response<Self::AppendStreamStream>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn vote(&self, _: Request<Blob>) -> Result<Response<Blob>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn transfer_leader(&self, _: Request<Blob>) -> Result<Response<Blob>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn install_snapshot(
-            &self,
-            _: Request<Streaming<SnapshotChunk>>,
-        ) -> Result<Response<Blob>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn forward(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
-            self.single_calls.fetch_add(1, Ordering::SeqCst);
-            let w: Write =
-                decode(&req.into_inner().data).map_err(|e| Status::internal(e.to_string()))?;
-            let data = encode(&answer(&w)).map_err(|e| Status::internal(e.to_string()))?;
-            Ok(Response::new(Blob { data }))
-        }
-        async fn forward_batch(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
-            if !self.has_batch {
-                return Err(Status::unimplemented("unknown method ForwardBatch"));
-            }
-            self.batch_calls.fetch_add(1, Ordering::SeqCst);
-            let ws: Vec<Write> =
-                decode(&req.into_inner().data).map_err(|e| Status::internal(e.to_string()))?;
-            let mut out: Vec<_> = ws.iter().map(answer).collect();
-            if self.short {
-                out.pop();
-            }
-            let data = encode(&out).map_err(|e| Status::internal(e.to_string()))?;
-            Ok(Response::new(Blob { data }))
-        }
-        async fn admin(&self, _: Request<Blob>) -> Result<Response<Blob>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn read_index(
-            &self,
-            _: Request<ReadIndexRequest>,
-        ) -> Result<Response<ReadIndexResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-        async fn node_status(
-            &self,
-            _: Request<NodeStatusRequest>,
-        ) -> Result<Response<NodeStatusResponse>, Status> {
-            Err(Status::unimplemented("fake"))
-        }
-    }
-
-    async fn serve(leader: Arc<FakeLeader>) -> String {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr").to_string();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(PeerServer::new(leader))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
-        );
-        addr
-    }
-
-    const T: Duration = Duration::from_secs(5);
-
-    #[tokio::test]
-    async fn forward_batch_answers_each_write_in_order_in_one_call() {
-        let leader = Arc::new(FakeLeader {
-            has_batch: true,
-            ..Default::default()
-        });
-        let addr = serve(leader.clone()).await;
-        let pool = PeerPool::default();
-        let reqs: Vec<Write> = (1..=5).map(put).collect();
-        let got = pool
-            .forward_batch::<_, Forwarded<WriteResult>>(&addr, T, &reqs)
-            .await;
-        assert_eq!(
-            got.iter().map(revision).collect::<Vec<_>>(),
-            (1..=5).map(Some).collect::<Vec<_>>()
-        );
-        assert_eq!(leader.batch_calls.load(Ordering::SeqCst), 1);
-        assert_eq!(leader.single_calls.load(Ordering::SeqCst), 0);
-    }
-
-    #[tokio::test]
-    async fn forward_batch_falls_back_to_single_calls_on_an_old_leader() {
-        let leader = Arc::new(FakeLeader::default());
-        let addr = serve(leader.clone()).await;
-        let pool = PeerPool::default();
-        let reqs: Vec<Write> = (1..=4).map(put).collect();
-        let got = pool
-            .forward_batch::<_, Forwarded<WriteResult>>(&addr, T, &reqs)
-            .await;
-        assert_eq!(
-            got.iter().map(revision).collect::<Vec<_>>(),
-            (1..=4).map(Some).collect::<Vec<_>>()
-        );
-        assert_eq!(leader.single_calls.load(Ordering::SeqCst), 4);
-    }
-
-    #[tokio::test]
-    async fn forward_batch_errors_reach_every_write() {
-        // A wrong number of answers: no write may take another's answer.
-        let leader = Arc::new(FakeLeader {
-            has_batch: true,
-            short: true,
-            ..Default::default()
-        });
-        let addr = serve(leader).await;
-        let pool = PeerPool::default();
-        let reqs: Vec<Write> = (1..=3).map(put).collect();
-        let got = pool
-            .forward_batch::<_, Forwarded<WriteResult>>(&addr, T, &reqs)
-            .await;
-        assert_eq!(got.len(), 3);
-        assert!(
-            got.iter().all(|r| matches!(r, Err(NetError::Codec { .. }))),
-            "{got:?}"
-        );
-        // Nobody listening.
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr").to_string()
-        };
-        let got = pool
-            .forward_batch::<_, Forwarded<WriteResult>>(&dead, Duration::from_secs(2), &reqs)
-            .await;
-        assert_eq!(got.len(), 3);
-        assert!(
-            got.iter()
-                .all(|r| matches!(r, Err(NetError::Unreachable { .. }))),
-            "{got:?}"
-        );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn forward_batcher_coalesces_concurrent_writes_and_answers_each_its_own() {
-        let leader = Arc::new(FakeLeader {
-            has_batch: true,
-            ..Default::default()
-        });
-        let addr = serve(leader.clone()).await;
-        let pool = Arc::new(PeerPool::default());
-        let metrics = Arc::new(crate::metrics::Metrics::default());
-        let b = Arc::new(crate::consensus::batch::ForwardBatcher::new(
-            metrics.clone(),
-        ));
-        let mut tasks = Vec::new();
-        for n in 1..=200u64 {
-            let (b, pool, addr) = (b.clone(), pool.clone(), addr.clone());
-            tasks.push(tokio::spawn(async move {
-                let r = b.forward(&pool, &addr, put(n), T).await;
-                assert_eq!(revision(&r), Some(n), "{r:?}");
-            }));
-        }
-        for t in tasks {
-            t.await.expect("task");
-        }
-        let calls = leader.batch_calls.load(Ordering::SeqCst);
-        assert!(
-            calls < 200,
-            "200 writes took {calls} calls: nothing was batched"
-        );
-        let text = metrics.render();
-        assert!(
-            text.contains(&format!("metaraft_forward_batch_size_count {calls}")),
-            "every batch is counted: {text}"
-        );
-    }
-
-    #[test]
-    fn snapshot_timeout_grows_with_size_above_the_floor() {
-        let floor = Duration::from_secs(600);
-        let mb = 1u64 << 20;
-        // Small snapshots keep the floor.
-        assert_eq!(snapshot_timeout(floor, 100 * mb, 5 * mb), floor);
-        // 10 GiB at 5 MB/s: 2048 s + 30 s.
-        assert_eq!(
-            snapshot_timeout(floor, 10 * 1024 * mb, 5 * mb),
-            Duration::from_secs(2048 + 30)
-        );
-        // A zero rate cannot divide by zero.
-        assert!(snapshot_timeout(floor, mb, 0) >= floor);
-    }
-
-    #[test]
-    fn dir_bytes_sums_file_sizes() {
-        let d = tempfile::tempdir().expect("tmp");
-        std::fs::write(d.path().join("a"), vec![0u8; 1000]).expect("write");
-        std::fs::write(d.path().join("b"), vec![0u8; 24]).expect("write");
-        std::fs::create_dir(d.path().join("sub")).expect("mkdir");
-        assert_eq!(snapshot::dir_bytes(d.path()), 1024);
-        assert_eq!(snapshot::dir_bytes(&d.path().join("missing")), 0);
-    }
-}
+mod tests;

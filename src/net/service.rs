@@ -87,6 +87,17 @@ impl Peer for PeerService {
         blob(&r)
     }
 
+    async fn pre_vote(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
+        let rpc = decode(&req.into_inner().data).map_err(|e| bad("pre-vote", e))?;
+        let r = self
+            .node
+            .raft
+            .pre_vote(rpc)
+            .await
+            .map_err(|e| e.to_string());
+        blob(&r)
+    }
+
     async fn transfer_leader(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
         let rpc = decode(&req.into_inner().data).map_err(|e| bad("transfer leader", e))?;
         let r = self
