@@ -11,6 +11,7 @@
 //! workload.rs   the client operations of each workload, recorded into the history
 //! history.rs    the JSON-lines history (invoke / ok / fail / info) and pairing
 //! checker/      one checker per workload; register uses todc-utils' Wing-Gong/Lowe search
+//! logscan.rs    the nodes' logs: panics (a run with one fails), warnings and errors by kind
 //! plot.rs       latency over time as SVG, fault windows shaded
 //! proxy.rs      a delaying TCP proxy in front of each node's peer port (the delay fault)
 //! ```
@@ -18,6 +19,7 @@
 pub mod checker;
 pub mod env;
 pub mod history;
+pub mod logscan;
 pub mod nemesis;
 pub mod plot;
 pub mod proxy;

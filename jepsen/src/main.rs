@@ -189,6 +189,9 @@ fn real_main() -> Result<ExitCode> {
             for a in &s.anomalies {
                 println!("  {a}");
             }
+            for line in run::top_log_kinds(&s, 5) {
+                println!("  {line}");
+            }
             println!("results in {}", s.out);
             Ok(exit_for(s.valid))
         }

@@ -28,6 +28,8 @@ pub enum Fault {
     PartitionHalves,
     /// The leader cut off from every other node.
     IsolateLeader,
+    /// One follower cut off from every other node; on rejoining it must not depose the leader.
+    IsolateFollower,
     /// Two sides that each see one bridge node: overlapping majorities.
     Bridge,
     /// 20% of packets into every node dropped (iptables statistic match).
@@ -41,6 +43,8 @@ pub enum Fault {
     Kill,
     /// kill -9 of the leader, restarted at heal.
     KillLeader,
+    /// kill -9 of the largest minority at once (two nodes of five), restarted at heal.
+    KillMinority,
     /// SIGSTOP of a random node, SIGCONT at heal.
     Pause,
     /// SIGSTOP of the leader.
@@ -58,12 +62,14 @@ pub enum Fault {
 pub const ALL: &[Fault] = &[
     Fault::PartitionHalves,
     Fault::IsolateLeader,
+    Fault::IsolateFollower,
     Fault::Bridge,
     Fault::Loss,
     Fault::Bandwidth,
     Fault::Delay,
     Fault::Kill,
     Fault::KillLeader,
+    Fault::KillMinority,
     Fault::Pause,
     Fault::PauseLeader,
     Fault::Membership,
@@ -84,6 +90,7 @@ impl Fault {
             self,
             Fault::PartitionHalves
                 | Fault::IsolateLeader
+                | Fault::IsolateFollower
                 | Fault::Bridge
                 | Fault::Loss
                 | Fault::Bandwidth
@@ -103,18 +110,21 @@ impl FromStr for Fault {
 }
 
 /// Parses a comma-separated list of fault names or groups: `partitions` (halves, isolate-leader,
-/// bridge), `kills` (kill, kill-leader), `pauses` (pause, pause-leader), `disks` (disk-full,
-/// fsync-fail), `network`, `all`, `none`.
+/// isolate-follower, bridge), `kills` (kill, kill-leader, kill-minority), `pauses` (pause,
+/// pause-leader), `disks` (disk-full, fsync-fail), `network`, `all`, `none`.
 pub fn parse_list(s: &str) -> Result<Vec<Fault>> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let group: Vec<Fault> = match part {
             "none" => vec![],
             "all" => ALL.to_vec(),
-            "partitions" | "partition" => {
-                vec![Fault::PartitionHalves, Fault::IsolateLeader, Fault::Bridge]
-            }
-            "kills" => vec![Fault::Kill, Fault::KillLeader],
+            "partitions" | "partition" => vec![
+                Fault::PartitionHalves,
+                Fault::IsolateLeader,
+                Fault::IsolateFollower,
+                Fault::Bridge,
+            ],
+            "kills" => vec![Fault::Kill, Fault::KillLeader, Fault::KillMinority],
             "pauses" => vec![Fault::Pause, Fault::PauseLeader],
             "network" => ALL.iter().copied().filter(|f| f.is_network()).collect(),
             "disks" => vec![Fault::DiskFull, Fault::FsyncFail],
@@ -157,7 +167,23 @@ pub struct Window {
     pub detail: String,
     pub start_ns: u64,
     pub end_ns: u64,
+    /// For the isolation faults: leader changes a node of the majority saw from the fault's
+    /// start until [`SETTLE`] after its heal (its `metaraft_leader_changes_total`: each time it
+    /// learns of a leader after having none or another).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader_changes: Option<u64>,
+    /// For the isolation faults: that node's term at the start and at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub terms: Option<(u64, u64)>,
+    /// The longest time without a completed operation from the heal until [`SETTLE`] after it
+    /// (filled in from the history by the run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stall_after_heal_ms: Option<u64>,
 }
+
+/// How long after an isolation heals leader changes are still counted: a rejoining node that
+/// deposes the leader does so within an election timeout or two (0.5-1 s each by default).
+pub const SETTLE: Duration = Duration::from_secs(3);
 
 pub struct Nemesis {
     pub env: Arc<Mutex<Env>>,
@@ -171,6 +197,9 @@ pub struct Nemesis {
     removed: Option<usize>,
     /// The node whose fsync is made to fail.
     fsync_failing: Option<usize>,
+    /// During an isolation fault: a node of the majority, with the leader changes it had seen
+    /// and its term when the fault started.
+    observer: Option<(usize, (u64, u64))>,
 }
 
 fn lock(env: &Mutex<Env>) -> std::sync::MutexGuard<'_, Env> {
@@ -197,6 +226,7 @@ impl Nemesis {
             hold,
             removed: None,
             fsync_failing: None,
+            observer: None,
         }
     }
 
@@ -264,6 +294,7 @@ impl Nemesis {
                 faults[self.rng.gen_range(0..faults.len())]
             };
             let start_ns = self.now_ns();
+            self.observer = None;
             let detail = match self.start(f) {
                 Ok(d) => d,
                 Err(e) => format!("could not start: {e:#}"),
@@ -278,6 +309,14 @@ impl Nemesis {
                 }
             }
             let healed = self.heal(f);
+            let end_ns = self.now_ns();
+            let mut observed = None;
+            if let Some((o, (changes0, term0))) = self.observer.take() {
+                std::thread::sleep(SETTLE);
+                observed = self
+                    .leader_metrics(o)
+                    .map(|(changes, term)| (changes.saturating_sub(changes0), (term0, term)));
+            }
             let detail = match healed {
                 Ok(note) => detail + &note,
                 Err(e) => format!("{detail}; heal: {e:#}"),
@@ -286,10 +325,41 @@ impl Nemesis {
                 fault: f.name(),
                 detail,
                 start_ns,
-                end_ns: self.now_ns(),
+                end_ns,
+                leader_changes: observed.map(|(c, _)| c),
+                terms: observed.map(|(_, t)| t),
+                stall_after_heal_ms: None,
             });
         }
         windows
+    }
+
+    /// (leader changes this node has seen, its term), from its ops port's /metrics.
+    fn leader_metrics(&self, i: usize) -> Option<(u64, u64)> {
+        let addr = lock(&self.env).nodes[i].ops_addr.clone();
+        let body = http_get(&addr, "/metrics", Duration::from_secs(2)).ok()?;
+        let value = |name: &str| {
+            body.lines().find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        };
+        Some((
+            value("metaraft_leader_changes_total")?,
+            value("metaraft_term")?,
+        ))
+    }
+
+    /// Watches node `i` through an isolation fault: its leader changes and term now.
+    fn observe(&mut self, i: usize) -> Result<()> {
+        let now = self
+            .leader_metrics(i)
+            .ok_or_else(|| anyhow!("no metrics from node {:?}", self.ids(&[i])))?;
+        self.observer = Some((i, now));
+        Ok(())
     }
 
     fn ids(&self, idx: &[usize]) -> Vec<u64> {
@@ -310,8 +380,26 @@ impl Nemesis {
             Fault::IsolateLeader => {
                 let l = self.wait_leader()?;
                 let others: Vec<usize> = (0..n).filter(|&i| i != l).collect();
+                self.observe(others[0])?;
                 lock(&self.env).cut(&cross(&[l], &others))?;
                 Ok(format!("leader {:?} isolated", self.ids(&[l])))
+            }
+            Fault::IsolateFollower => {
+                let l = self.wait_leader()?;
+                let f = *all
+                    .iter()
+                    .find(|&&i| i != l)
+                    .ok_or_else(|| anyhow!("no follower to isolate"))?;
+                let others: Vec<usize> = (0..n).filter(|&i| i != f).collect();
+                // The leader itself watches: it is in the majority, and its own view of who
+                // leads changes the moment it is deposed.
+                self.observe(l)?;
+                lock(&self.env).cut(&cross(&[f], &others))?;
+                Ok(format!(
+                    "follower {:?} isolated (leader {:?})",
+                    self.ids(&[f]),
+                    self.ids(&[l])
+                ))
             }
             Fault::Bridge => {
                 let bridge = all[0];
@@ -351,6 +439,15 @@ impl Nemesis {
                 let l = self.wait_leader()?;
                 lock(&self.env).kill(l);
                 Ok(format!("killed leader {:?}", self.ids(&[l])))
+            }
+            Fault::KillMinority => {
+                let victims = &all[..(n - 1) / 2];
+                let mut env = lock(&self.env);
+                for &v in victims {
+                    env.kill(v);
+                }
+                drop(env);
+                Ok(format!("killed {:?} at once", self.ids(victims)))
             }
             Fault::Pause => {
                 let v = all[0];
@@ -405,7 +502,11 @@ impl Nemesis {
     /// Heals one fault. Returns what the heal found worth noting (nodes that had exited).
     fn heal(&mut self, f: Fault) -> Result<String> {
         match f {
-            Fault::Kill | Fault::KillLeader | Fault::Pause | Fault::PauseLeader => {
+            Fault::Kill
+            | Fault::KillLeader
+            | Fault::KillMinority
+            | Fault::Pause
+            | Fault::PauseLeader => {
                 lock(&self.env).revive_all()?;
                 Ok(String::new())
             }
@@ -479,6 +580,28 @@ impl Nemesis {
     }
 }
 
+/// A plain HTTP/1.0 GET (the ops port speaks HTTP/1), returning the body.
+fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP answer from {addr}"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(anyhow!(
+            "{addr}{path}: {}",
+            head.lines().next().unwrap_or("")
+        ));
+    }
+    Ok(body.to_string())
+}
+
 fn cross(a: &[usize], b: &[usize]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     for &x in a {
@@ -496,7 +619,7 @@ mod tests {
     #[test]
     fn lists_parse_with_groups_and_refuse_unknowns() {
         let l = parse_list("partitions,kills,pauses").unwrap();
-        assert_eq!(l.len(), 7);
+        assert_eq!(l.len(), 9);
         assert_eq!(
             parse_list("kill,pause").unwrap(),
             vec![Fault::Kill, Fault::Pause]

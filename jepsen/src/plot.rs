@@ -148,6 +148,9 @@ mod tests {
             detail: "killed <1>".into(),
             start_ns: 500_000_000,
             end_ns: 1_500_000_000,
+            leader_changes: None,
+            terms: None,
+            stall_after_heal_ms: None,
         };
         let svg = latency_svg(&ops, &[w], "t");
         assert!(svg.starts_with("<svg"));

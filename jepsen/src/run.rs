@@ -17,7 +17,8 @@ use serde::Serialize;
 use crate::checker::{self, Validity, Workload};
 use crate::env::{self, Env, Features, Mode};
 use crate::history;
-use crate::nemesis::{Fault, Nemesis};
+use crate::logscan::LogReport;
+use crate::nemesis::{Fault, Nemesis, SETTLE};
 use crate::plot;
 use crate::workload::{self, ClientCfg, Recorder};
 
@@ -73,6 +74,8 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backup_restore_equal: Option<bool>,
     pub recovery_s: f64,
+    /// The nodes' logs: panics (any fails the run), warnings and errors by kind.
+    pub logs: LogReport,
     pub out: String,
 }
 
@@ -246,6 +249,13 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
     };
 
     let events = rec.finish()?;
+    let mut windows = windows;
+    {
+        let ops = history::pair(&events)?;
+        for w in &mut windows {
+            w.stall_after_heal_ms = Some(write_stall_ms(&ops, w.end_ns));
+        }
+    }
     let timeline = o.out.join("timeline.json");
     std::fs::write(&timeline, serde_json::to_vec_pretty(&windows)?)?;
     let mut verdict = checker::check(o.workload, &events, o.check_budget)?;
@@ -283,6 +293,22 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
             );
         }
         _ => {}
+    }
+    let logs = {
+        let env = env.lock().unwrap_or_else(|p| p.into_inner());
+        LogReport::scan_files(
+            env.nodes
+                .iter()
+                .map(|n| (format!("n{}", n.id), n.log.as_path())),
+        )
+    };
+    if logs.panics > 0 {
+        verdict.valid = Validity::Invalid;
+        verdict.anomalies.push(format!(
+            "{} panics in the node logs, first: {}",
+            logs.panics,
+            logs.panic_examples.join(" | ")
+        ));
     }
     let ops = history::pair(&events)?;
     let counts = history::counts(&ops)
@@ -329,6 +355,7 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
         replicas_equal,
         backup_restore_equal,
         recovery_s,
+        logs,
         out: o.out.display().to_string(),
     };
     std::fs::write(
@@ -445,13 +472,72 @@ pub fn row(s: &Summary) -> String {
         .map(|(k, c)| format!("{k} {}/{}/{}", c.ok, c.fail, c.info))
         .collect();
     format!(
-        "{:<11} valid={:<7} windows={:<3} replicas_equal={:<5} ops(ok/fail/info): {}",
+        "{:<11} valid={:<7} windows={:<3} replicas_equal={:<5} panics={} warnings={} errors={} \
+         ops(ok/fail/info): {}",
         s.workload.to_string(),
         s.valid.to_string(),
         s.fault_windows,
         s.replicas_equal
             .map(|b| b.to_string())
             .unwrap_or("?".into()),
+        s.logs.panics,
+        s.logs.warning_total(),
+        s.logs.error_total(),
         c.join(", ")
     )
+}
+
+/// The `n` most frequent warning and error kinds of the nodes' logs, most frequent first.
+pub fn top_log_kinds(s: &Summary, n: usize) -> Vec<String> {
+    let mut all: Vec<(u64, String)> = s
+        .logs
+        .errors
+        .iter()
+        .map(|(k, c)| (*c, format!("ERROR {k}")))
+        .chain(
+            s.logs
+                .warnings
+                .iter()
+                .map(|(k, c)| (*c, format!("WARN  {k}"))),
+        )
+        .collect();
+    all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    all.into_iter()
+        .take(n)
+        .map(|(c, k)| format!("{c:>7} x {k}"))
+        .collect()
+}
+
+/// The longest time, from `heal_ns` until [`SETTLE`] after it, in which no write completed
+/// successfully (ms). Under the harness's steady load writes complete every few milliseconds,
+/// so this is how long writes waited at the heal (for a needless election, most of all).
+pub fn write_stall_ms(ops: &[history::Op], heal_ns: u64) -> u64 {
+    use history::{Kind, F};
+    let until = heal_ns + SETTLE.as_nanos() as u64;
+    let last_event = ops
+        .iter()
+        .filter_map(|o| o.complete.map(|c| c.time_ns))
+        .max()
+        .unwrap_or(heal_ns);
+    let until = until.min(last_event.max(heal_ns));
+    let mut done: Vec<u64> = ops
+        .iter()
+        .filter(|o| o.kind() == Kind::Ok)
+        .filter(|o| {
+            matches!(
+                o.f(),
+                F::Write | F::Cas | F::Add | F::IdemWrite | F::AddVersion
+            )
+        })
+        .filter_map(|o| o.complete.map(|c| c.time_ns))
+        .filter(|t| (heal_ns..=until).contains(t))
+        .collect();
+    done.sort_unstable();
+    let mut prev = heal_ns;
+    let mut worst = 0;
+    for t in done.into_iter().chain(std::iter::once(until)) {
+        worst = worst.max(t - prev);
+        prev = t;
+    }
+    worst / 1_000_000
 }
