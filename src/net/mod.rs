@@ -67,7 +67,7 @@ pub const MAX_PENDING_ACCEPT_RESETS: usize = 4096;
 pub fn peer_server() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .http2_max_pending_accept_reset_streams(None)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
 }
 
 /// One lazily connected channel per peer address.

@@ -351,7 +351,8 @@ async fn a_heal_after_many_cancelled_calls_keeps_the_peer_connection() {
     relay.paused.send(false).expect("heal");
 
     for _ in 0..5 {
-        assert_eq!(revision(&call(T).await), Some(7), "a call after the heal");
+        let r = call(T).await;
+        assert_eq!(revision(&r), Some(7), "a call after the heal: {r:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
