@@ -286,8 +286,11 @@ impl Nemesis {
         if faults.is_empty() {
             return windows;
         }
-        while Instant::now() + self.interval + self.hold < until {
-            std::thread::sleep(self.interval);
+        // Time already spent calm after the last heal (the settle of an isolation fault).
+        let mut calm = Duration::ZERO;
+        while Instant::now() + self.interval.saturating_sub(calm) + self.hold < until {
+            std::thread::sleep(self.interval.saturating_sub(calm));
+            calm = Duration::ZERO;
             let f = if cycle {
                 faults[windows.len() % faults.len()]
             } else {
@@ -313,8 +316,10 @@ impl Nemesis {
             let mut observed = None;
             if let Some((o, (changes0, term0))) = self.observer.take() {
                 std::thread::sleep(SETTLE);
+                calm = SETTLE;
                 observed = self
                     .leader_metrics(o)
+                    .ok()
                     .map(|(changes, term)| (changes.saturating_sub(changes0), (term0, term)));
             }
             let detail = match healed {
@@ -334,20 +339,25 @@ impl Nemesis {
         windows
     }
 
-    /// (leader changes this node has seen, its term), from its ops port's /metrics.
-    fn leader_metrics(&self, i: usize) -> Option<(u64, u64)> {
+    /// (leader changes this node has seen, its term), from its ops port's /metrics; a few
+    /// tries, since the node may be busy electing.
+    fn leader_metrics(&self, i: usize) -> Result<(u64, u64)> {
         let addr = lock(&self.env).nodes[i].ops_addr.clone();
-        let body = http_get(&addr, "/metrics", Duration::from_secs(2)).ok()?;
-        let value = |name: &str| {
-            body.lines().find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
+        let mut tries = 0;
+        let body = loop {
+            match http_get(&addr, "/metrics", Duration::from_secs(2)) {
+                Ok(b) => break b,
+                Err(e) if tries >= 2 => return Err(e.context(format!("GET {addr}/metrics"))),
+                Err(_) => tries += 1,
+            }
+            std::thread::sleep(Duration::from_millis(200));
         };
-        Some((
+        let value = |name: &str| {
+            body.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+                .ok_or_else(|| anyhow!("{addr}/metrics has no {name}"))
+        };
+        Ok((
             value("metaraft_leader_changes_total")?,
             value("metaraft_term")?,
         ))
@@ -355,10 +365,7 @@ impl Nemesis {
 
     /// Watches node `i` through an isolation fault: its leader changes and term now.
     fn observe(&mut self, i: usize) -> Result<()> {
-        let now = self
-            .leader_metrics(i)
-            .ok_or_else(|| anyhow!("no metrics from node {:?}", self.ids(&[i])))?;
-        self.observer = Some((i, now));
+        self.observer = Some((i, self.leader_metrics(i)?));
         Ok(())
     }
 
