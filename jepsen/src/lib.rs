@@ -10,7 +10,7 @@
 //! nemesis.rs    named faults and their schedule; the timeline of fault windows
 //! workload.rs   the client operations of each workload, recorded into the history
 //! history.rs    the JSON-lines history (invoke / ok / fail / info) and pairing
-//! checker/      one checker per workload; register uses todc-utils' Wing-Gong/Lowe search
+//! checker/      one checker per workload; register: a memoised Wing-Gong/Lowe search (linear.rs)
 //! logscan.rs    the nodes' logs: panics (a run with one fails), warnings and errors by kind
 //! plot.rs       latency over time as SVG, fault windows shaded
 //! proxy.rs      a delaying TCP proxy in front of each node's peer port (the delay fault)

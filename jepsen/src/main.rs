@@ -105,6 +105,26 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         check_budget_s: u64,
     },
+    /// Times the register checker on one key's generated history: a simulated register with
+    /// concurrent clients, a share of unknown outcomes. Exit 0 when the verdict is the right one
+    /// (linearizable; with --corrupt, not), 1 when wrong, 2 when undecided within the budget.
+    CheckBench {
+        #[arg(long, default_value_t = 100_000)]
+        ops: usize,
+        /// Share of operations whose outcome is unknown (`info`).
+        #[arg(long, default_value_t = 0.1)]
+        info: f64,
+        /// Concurrent clients of the simulated register.
+        #[arg(long, default_value_t = 10)]
+        procs: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Make the history certainly not linearizable first.
+        #[arg(long)]
+        corrupt: bool,
+        #[arg(long, default_value_t = 60)]
+        check_budget_s: u64,
+    },
     /// Remove network namespaces left by a crashed run.
     Cleanup,
     /// (internal) The delaying TCP proxy the harness runs in each node's namespace.
@@ -287,6 +307,14 @@ fn real_main() -> Result<ExitCode> {
             );
             Ok(exit_for(v.valid))
         }
+        Cmd::CheckBench {
+            ops,
+            info,
+            procs,
+            seed,
+            corrupt,
+            check_budget_s,
+        } => check_bench(ops, info, procs, seed, corrupt, check_budget_s),
         Cmd::Cleanup => {
             env::cleanup_leftovers()?;
             Ok(ExitCode::SUCCESS)
@@ -303,4 +331,41 @@ fn real_main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn check_bench(
+    ops: usize,
+    info: f64,
+    procs: usize,
+    seed: u64,
+    corrupt: bool,
+    budget_s: u64,
+) -> Result<ExitCode> {
+    use checker::linear::{self, Outcome};
+    if !(0.0..=1.0).contains(&info) || procs == 0 {
+        anyhow::bail!("--info must be within 0..=1 and --procs positive");
+    }
+    let mut h = linear::generate(seed, ops, procs, info);
+    if corrupt {
+        linear::corrupt(&mut h, seed);
+    }
+    let unknown = h.iter().filter(|(_, end, _)| *end == u64::MAX).count();
+    let start = std::time::Instant::now();
+    let outcome = linear::check(&h, start + Duration::from_secs(budget_s));
+    let took = start.elapsed().as_secs_f64();
+    let (verdict, right) = match &outcome {
+        Outcome::Linearizable => ("linearizable".to_string(), Some(!corrupt)),
+        Outcome::NotLinearizable(why) => (format!("not linearizable ({why})"), Some(corrupt)),
+        Outcome::Unknown => (format!("undecided within {budget_s} s"), None),
+    };
+    println!(
+        "{} operations ({unknown} unknown) on one key, {procs} clients, seed {seed}{}: {verdict} in {took:.2} s",
+        h.len(),
+        if corrupt { ", corrupted" } else { "" },
+    );
+    Ok(match right {
+        Some(true) => ExitCode::SUCCESS,
+        Some(false) => ExitCode::from(1),
+        None => ExitCode::from(2),
+    })
 }

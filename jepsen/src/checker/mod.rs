@@ -3,6 +3,7 @@
 //! what the check needs, such as a final read).
 
 pub mod idempotent;
+pub mod linear;
 pub mod register;
 pub mod session;
 pub mod set;

@@ -1,60 +1,20 @@
-//! `register` workload: per-key read / write / compare-and-set, checked for linearizability with
-//! todc-utils' Wing-Gong/Lowe search, one key at a time (P-compositionality: a history is
-//! linearizable iff each key's sub-history is).
+//! `register` workload: per-key read / write / compare-and-set, checked for linearizability by
+//! [`super::linear`]'s memoised search, one key at a time (P-compositionality: a history is
+//! linearizable iff each key's sub-history is), the keys spread over the cores.
 //!
 //! Unknown outcomes (`info`) are kept with their response moved to the end of time: such an
 //! operation may linearize anywhere after its invocation, including after everything else, which
 //! is the same as never having happened. Definite failures are dropped: they did not happen.
+//!
+//! The budget is total: every key's search stops at one deadline, and nothing keeps running after
+//! the verdict (an undecided key makes the verdict `unknown` and says so).
 
 use std::collections::BTreeMap;
-use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use todc_utils::{Action, History, Specification, WGLChecker};
-
-use super::{Validity, Verdict};
+pub use super::linear::{KeyHistory, Outcome, RegOp};
+use super::{linear, Validity, Verdict};
 use crate::history::{Kind, Op, F};
-
-#[derive(Clone, Debug)]
-pub enum RegOp {
-    /// Read returned this (None = key absent).
-    Read(Option<i64>),
-    Write(i64),
-    /// Compare-and-set that applied.
-    CasOk(i64, i64),
-    /// Compare-and-set whose outcome is unknown: applies iff the compare holds.
-    CasUnknown(i64, i64),
-}
-
-pub struct RegisterSpec;
-
-impl Specification for RegisterSpec {
-    type State = Option<i64>;
-    type Operation = RegOp;
-
-    fn init() -> Self::State {
-        None
-    }
-
-    fn apply(op: &RegOp, state: &Option<i64>) -> (bool, Option<i64>) {
-        match op {
-            RegOp::Read(v) => (v == state, *state),
-            RegOp::Write(v) => (true, Some(*v)),
-            RegOp::CasOk(old, new) => (*state == Some(*old), Some(*new)),
-            RegOp::CasUnknown(old, new) => {
-                if *state == Some(*old) {
-                    (true, Some(*new))
-                } else {
-                    (true, *state)
-                }
-            }
-        }
-    }
-}
-
-/// The checker's input for one key: (invoke time, response time, operation); an unknown outcome
-/// has response time `u64::MAX`.
-pub type KeyHistory = Vec<(u64, u64, RegOp)>;
 
 /// Splits the register operations by key, keeping only those that may have taken effect.
 pub fn by_key(ops: &[Op]) -> BTreeMap<String, KeyHistory> {
@@ -89,59 +49,58 @@ pub fn by_key(ops: &[Op]) -> BTreeMap<String, KeyHistory> {
     out
 }
 
-/// Runs todc-utils' search on one key's operations.
+/// Whether one key's operations are linearizable, with no deadline (tests and small histories).
 pub fn linearizable(ops: &KeyHistory) -> bool {
-    if ops.is_empty() {
-        return true;
-    }
-    // (time, is_response, op index): calls sort before responses at equal times, which treats
-    // touching operations as concurrent (the permissive reading).
-    let mut points: Vec<(u64, bool, usize)> = Vec::with_capacity(ops.len() * 2);
-    for (i, (s, e, _)) in ops.iter().enumerate() {
-        points.push((*s, false, i));
-        points.push((*e, true, i));
-    }
-    points.sort();
-    // One todc "process" per operation: the real process order is implied by real time.
-    let actions = points
-        .into_iter()
-        .map(|(_, resp, i)| {
-            let op = ops[i].2.clone();
-            (
-                i,
-                if resp {
-                    Action::Response(op)
-                } else {
-                    Action::Call(op)
-                },
-            )
-        })
-        .collect();
-    WGLChecker::<RegisterSpec>::is_linearizable(History::from_actions(actions))
+    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    matches!(linear::check(ops, far), Outcome::Linearizable)
 }
 
 pub fn check(ops: &[Op], budget: Duration) -> Verdict {
-    let keys = by_key(ops);
+    let deadline = Instant::now() + budget;
+    let keys: Vec<(String, KeyHistory)> = by_key(ops).into_iter().collect();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(keys.len())
+        .max(1);
+    // Key i goes to thread i % threads; scoped threads: all are joined before the verdict.
+    let mut outcomes: Vec<(usize, Outcome)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let keys = &keys;
+                s.spawn(move || {
+                    keys.iter()
+                        .enumerate()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|(i, (_, h))| (i, linear::check(h, deadline)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    outcomes.sort_by_key(|(i, _)| *i);
     let mut anomalies = Vec::new();
     let mut valid = Validity::Valid;
-    for (key, hist) in keys {
+    for (i, outcome) in outcomes {
+        let (key, hist) = &keys[i];
         let n = hist.len();
-        let (tx, rx) = mpsc::channel();
-        // The search runs on its own thread so a pathological history yields "unknown" at the
-        // budget instead of hanging the run; the thread is left to finish on its own.
-        std::thread::spawn(move || {
-            let _ = tx.send(linearizable(&hist));
-        });
-        match rx.recv_timeout(budget) {
-            Ok(true) => {}
-            Ok(false) => {
+        match outcome {
+            Outcome::Linearizable => {}
+            Outcome::NotLinearizable(why) => {
                 valid = valid.and(Validity::Invalid);
-                anomalies.push(format!("key {key}: {n} operations are not linearizable"));
+                anomalies.push(format!(
+                    "key {key}: {n} operations are not linearizable: {why}"
+                ));
             }
-            Err(_) => {
+            Outcome::Unknown => {
                 valid = valid.and(Validity::Unknown);
                 anomalies.push(format!(
-                    "key {key}: search over {n} operations exceeded {budget:?}"
+                    "key {key}: {n} operations not decided within the total budget of {budget:?}"
                 ));
             }
         }
@@ -286,6 +245,59 @@ mod tests {
             };
             out.push((start, end, op));
         }
+        out
+    }
+
+    #[test]
+    fn the_budget_is_total_and_nothing_runs_past_it() {
+        // Five keys of long generated histories, a budget of zero: undecided at once, every key
+        // named, and the call returns (its searches are joined, none left running).
+        let mut h = H::new();
+        for k in 0..5 {
+            for e in linear_events(&linear::generate(k, 20_000, 10, 0.1), &format!("k{k}")) {
+                h.events.push(e);
+            }
+        }
+        let start = Instant::now();
+        let v = check(&pair(&h.events).unwrap(), Duration::ZERO);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(v.valid, Validity::Unknown);
+        assert_eq!(v.anomalies.len(), 5, "{:?}", v.anomalies);
+        assert!(v.anomalies[0].contains("total budget"), "{:?}", v.anomalies);
+    }
+
+    /// A key's generated operations as history events (one process per operation).
+    fn linear_events(ops: &KeyHistory, key: &str) -> Vec<crate::history::Event> {
+        use crate::history::Event;
+        let mut out = Vec::new();
+        for (p, (start, end, op)) in ops.iter().enumerate() {
+            let p = p as u64 + 1;
+            let (f, value, expected, kind) = match op {
+                RegOp::Read(v) => (F::Read, *v, None, Kind::Ok),
+                RegOp::Write(v) => (F::Write, Some(*v), None, Kind::Ok),
+                RegOp::CasOk(a, b) => (F::Cas, Some(*b), Some(*a), Kind::Ok),
+                RegOp::CasUnknown(a, b) => (F::Cas, Some(*b), Some(*a), Kind::Info),
+            };
+            let mut inv = Event::new(p, Kind::Invoke, f, *start);
+            inv.key = Some(key.into());
+            inv.expected = expected;
+            if f != F::Read {
+                inv.value = value;
+            }
+            out.push(inv);
+            let kind = if *end == u64::MAX { Kind::Info } else { kind };
+            let mut done = Event::new(p, kind, f, if *end == u64::MAX { *start + 1 } else { *end });
+            done.key = Some(key.into());
+            if f == F::Read {
+                done.value = value;
+            }
+            out.push(done);
+        }
+        out.sort_by_key(|e| e.time_ns);
         out
     }
 
