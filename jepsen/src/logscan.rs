@@ -36,7 +36,13 @@ impl LogReport {
     pub fn scan(&mut self, node: &str, text: &str) {
         let mut lines = text.lines().peekable();
         while let Some(line) = lines.next() {
-            if let Some(at) = line.find("panicked at ") {
+            // The panic hook's line, not a log line that quotes one.
+            if let Some(at) = line
+                .starts_with("thread '")
+                .then(|| line.find(" panicked at "))
+                .flatten()
+                .map(|at| at + 1)
+            {
                 self.panics += 1;
                 if self.panic_examples.len() < EXAMPLES {
                     let what = lines.peek().map(|l| l.trim()).unwrap_or("");
@@ -163,6 +169,7 @@ mod tests {
 2026-12-07T20:31:01.000002Z  WARN replication to peer failed peer=10.77.0.4:7101 error=\"timeout\"
 2026-12-07T20:31:02.000000Z  WARN append{target=2}: peer 2 answered 17 conflicts
 2026-12-07T20:31:03.000000Z ERROR apply stopped index=17
+2026-12-07T20:31:03.500000Z  WARN a peer said: thread 'x' panicked at y.rs:1:1
 thread 'tokio-runtime-worker' panicked at /x/futures-util/src/stream/unfold.rs:108:21:
 Unfold must not be polled after it returned `Poll::Ready(None)`
 note: run with `RUST_BACKTRACE=full` for a verbose backtrace.
@@ -195,7 +202,11 @@ note: run with `RUST_BACKTRACE=full` for a verbose backtrace.
             2
         );
         assert_eq!(r.errors["apply stopped"], 2);
-        assert_eq!(r.warning_total(), 10);
+        assert_eq!(
+            r.warnings["a peer said: thread 'x' panicked at y.rs:#:#"],
+            2
+        );
+        assert_eq!(r.warning_total(), 12);
         assert_eq!(r.error_total(), 2);
     }
 

@@ -367,6 +367,10 @@ impl<'a> Search<'a> {
         }
         while let Some(top) = self.stack.last_mut() {
             if top.next == top.moves.len() {
+                // A move list built after the deadline may be cut short: never call it dead.
+                if self.timed_out {
+                    return End::Timeout;
+                }
                 let f = self.stack.pop().expect("a frame");
                 self.dead.insert(&self.key(&f.c));
                 self.spend(&f.via, false);
@@ -386,6 +390,9 @@ impl<'a> Search<'a> {
             if self.steps > self.limit {
                 return End::Restart;
             }
+        }
+        if self.timed_out {
+            return End::Timeout;
         }
         End::Dead
     }
