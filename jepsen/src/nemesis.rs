@@ -175,6 +175,10 @@ pub struct Window {
     /// For the isolation faults: that node's term at the start and at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub terms: Option<(u64, u64)>,
+    /// For isolate-follower: the cut-off node's own term when cut and just before the heal. Equal
+    /// means it never raised its term alone (pre-vote), whatever happens after the heal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isolated_terms: Option<(u64, u64)>,
     /// The longest time without a completed operation from the heal until [`SETTLE`] after it
     /// (filled in from the history by the run).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -200,6 +204,8 @@ pub struct Nemesis {
     /// During an isolation fault: a node of the majority, with the leader changes it had seen
     /// and its term when the fault started.
     observer: Option<(usize, (u64, u64))>,
+    /// During isolate-follower: the cut-off node and its term when cut.
+    isolated: Option<(usize, u64)>,
 }
 
 fn lock(env: &Mutex<Env>) -> std::sync::MutexGuard<'_, Env> {
@@ -227,6 +233,7 @@ impl Nemesis {
             removed: None,
             fsync_failing: None,
             observer: None,
+            isolated: None,
         }
     }
 
@@ -311,6 +318,10 @@ impl Nemesis {
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
+            let isolated_terms = self
+                .isolated
+                .take()
+                .and_then(|(i, t0)| self.leader_metrics(i).ok().map(|(_, t1)| (t0, t1)));
             let healed = self.heal(f);
             let end_ns = self.now_ns();
             let mut observed = None;
@@ -333,6 +344,7 @@ impl Nemesis {
                 end_ns,
                 leader_changes: observed.map(|(c, _)| c),
                 terms: observed.map(|(_, t)| t),
+                isolated_terms,
                 stall_after_heal_ms: None,
             });
         }
@@ -401,6 +413,7 @@ impl Nemesis {
                 // The leader itself watches: it is in the majority, and its own view of who
                 // leads changes the moment it is deposed.
                 self.observe(l);
+                self.isolated = self.leader_metrics(f).ok().map(|(_, term)| (f, term));
                 lock(&self.env).cut(&cross(&[f], &others))?;
                 Ok(format!(
                     "follower {:?} isolated (leader {:?})",

@@ -150,6 +150,7 @@ mod tests {
             end_ns: 1_500_000_000,
             leader_changes: None,
             terms: None,
+            isolated_terms: None,
             stall_after_heal_ms: None,
         };
         let svg = latency_svg(&ops, &[w], "t");

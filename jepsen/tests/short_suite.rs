@@ -237,8 +237,11 @@ fn register_isolations_change_the_leader_only_when_it_is_cut_off() {
         let expected = if w["fault"] == "isolate-leader" { 1 } else { 0 };
         assert_eq!(changes, Some(expected), "{w:#}");
         if w["fault"] == "isolate-follower" {
-            // The leader's term did not move either (a deposed leader re-elected would).
+            // The leader's term did not move either (a deposed leader re-elected would), and the
+            // cut-off follower never raised its own: nothing left to depose anyone later.
             assert_eq!(w["terms"][0], w["terms"][1], "{w:#}");
+            assert!(w["isolated_terms"].is_array(), "{w:#}");
+            assert_eq!(w["isolated_terms"][0], w["isolated_terms"][1], "{w:#}");
         }
     }
 }
