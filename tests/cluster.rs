@@ -511,7 +511,8 @@ async fn t07_bad_input_on_every_rpc_is_a_clear_error() {
         ),
         Code::FailedPrecondition
     );
-    // The peer port: forwarded writes that do not decode, or too many in one batch, are refused.
+    // The peer port: forwarded writes and (pre-)votes that do not decode, or too many writes in
+    // one batch, are refused.
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.nodes[0].peer))
         .expect("endpoint")
         .connect()
@@ -524,6 +525,8 @@ async fn t07_bad_input_on_every_rpc_is_a_clear_error() {
     for r in [
         peer.forward(garbage()).await,
         peer.forward_batch(garbage()).await,
+        peer.vote(garbage()).await,
+        peer.pre_vote(garbage()).await,
     ] {
         let s = r.expect_err("garbage is refused");
         assert_eq!(s.code(), Code::InvalidArgument);

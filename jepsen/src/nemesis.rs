@@ -405,10 +405,7 @@ impl Nemesis {
             }
             Fault::IsolateFollower => {
                 let l = self.wait_leader()?;
-                let f = *all
-                    .iter()
-                    .find(|&&i| i != l)
-                    .ok_or_else(|| anyhow!("no follower to isolate"))?;
+                let f = follower(&all, l)?;
                 let others: Vec<usize> = (0..n).filter(|&i| i != f).collect();
                 // The leader itself watches: it is in the majority, and its own view of who
                 // leads changes the moment it is deposed.
@@ -481,10 +478,7 @@ impl Nemesis {
             }
             Fault::Membership => {
                 let l = self.wait_leader()?;
-                let v = *all
-                    .iter()
-                    .find(|&&i| i != l)
-                    .ok_or_else(|| anyhow!("no follower to remove"))?;
+                let v = follower(&all, l)?;
                 let id = self.ids(&[v])[0];
                 let c = self.client.clone();
                 self.rt.block_on(async move { c.remove(id).await })?;
@@ -620,6 +614,15 @@ fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String> {
         ));
     }
     Ok(body.to_string())
+}
+
+/// The first node of `shuffled` that is not the leader `l`.
+fn follower(shuffled: &[usize], l: usize) -> Result<usize> {
+    shuffled
+        .iter()
+        .copied()
+        .find(|&i| i != l)
+        .ok_or_else(|| anyhow!("no follower besides the leader"))
 }
 
 fn cross(a: &[usize], b: &[usize]) -> Vec<(usize, usize)> {

@@ -195,6 +195,36 @@ fn unknown_nemeses_are_refused() {
     assert!(e.contains("unknown nemesis \"flood\""), "{e}");
 }
 
+/// The checker benchmark refuses nonsense options and judges both kinds of history right.
+#[test]
+fn check_bench_refuses_bad_options_and_judges_both_verdicts() {
+    for bad in [["--info", "2"], ["--info", "nan"], ["--procs", "0"]] {
+        let o = Command::new(harness())
+            .arg("check-bench")
+            .args(bad)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(3), "{bad:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("--info must be within"), "{e}");
+    }
+    for extra in [&[][..], &["--corrupt"][..]] {
+        let o = Command::new(harness())
+            .args(["check-bench", "--ops", "20000"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{extra:?}: {out}");
+        let want = if extra.is_empty() {
+            ": linearizable"
+        } else {
+            ": not linearizable"
+        };
+        assert!(out.contains(want), "{out}");
+    }
+}
+
 /// Real delay (150 ms each way on every peer link, through the harness's delaying proxies),
 /// then a partition while delayed: reads and CAS stay linearizable.
 #[test]

@@ -50,17 +50,7 @@ pub(super) fn demands(m: &Model) -> Vec<Demand> {
     let min_inv: Vec<Vec<u64>> = (prods.iter_mut())
         .map(|p| {
             p.sort_unstable();
-            let mut low = u64::MAX;
-            let mut v: Vec<u64> = p
-                .iter()
-                .rev()
-                .map(|x| {
-                    low = low.min(x.1);
-                    low
-                })
-                .collect();
-            v.reverse();
-            v
+            suffix_min(p, u64::MAX)
         })
         .collect();
     let mut d: Vec<Demand> = (0..m.vals.len()).map(|_| Demand::default()).collect();
@@ -98,17 +88,7 @@ impl Demand {
             .map(|(i, r)| (r.1, i as u32))
             .collect();
         self.by_w.sort_unstable();
-        let mut low = NONE;
-        self.suf = self
-            .by_w
-            .iter()
-            .rev()
-            .map(|x| {
-                low = low.min(x.1);
-                low
-            })
-            .collect();
-        self.suf.reverse();
+        self.suf = suffix_min(&self.by_w, NONE);
         self.slack = vec![0; self.reads.len()];
         for i in (0..self.reads.len()).rev() {
             let have = self.supply.partition_point(|&t| t <= self.reads[i].0) as i64;
@@ -157,4 +137,19 @@ impl Demand {
         }
         None
     }
+}
+
+/// For each position i of `pairs`, the least second element of `pairs[i..]` (`top` past the end).
+fn suffix_min<A, B: Copy + Ord>(pairs: &[(A, B)], top: B) -> Vec<B> {
+    let mut low = top;
+    let mut v: Vec<B> = pairs
+        .iter()
+        .rev()
+        .map(|x| {
+            low = low.min(x.1);
+            low
+        })
+        .collect();
+    v.reverse();
+    v
 }
