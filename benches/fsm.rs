@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
-use metaraft::fsm::{self, Command, FsmError, Request, StateRead};
+use metaraft::fsm::{self, Command, FsmError, Payload, Request, Staging, StateRead};
 use metaraft::raft_types::Entry;
 use metaraft::storage::StateMachineStore;
 use openraft::storage::RaftStateMachine;
@@ -29,6 +29,27 @@ impl StateRead for Mem {
             .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
+    }
+}
+
+impl Staging for Mem {
+    fn state(&self) -> impl StateRead + '_ {
+        self
+    }
+    fn stage(&mut self, mutations: Vec<fsm::Mutation>) {
+        for m in mutations {
+            match m {
+                fsm::Mutation::Put(k, v) => {
+                    self.0.insert(k, v);
+                }
+                fsm::Mutation::Delete(k) => {
+                    self.0.remove(&k);
+                }
+                fsm::Mutation::DeleteRange(start, end) => {
+                    self.0.retain(|k, _| k < &start || k >= &end);
+                }
+            }
+        }
     }
 }
 
@@ -98,13 +119,8 @@ fn bench_pure_apply(c: &mut Criterion) {
                 (idx, put(idx))
             },
             |(i, req)| {
-                let (muts, _) =
-                    fsm::apply(&state, i, &req, fsm::Dedup::window(1_000_000)).expect("apply");
-                for m in muts {
-                    if let fsm::Mutation::Put(k, v) = m {
-                        state.0.insert(k, v);
-                    }
-                }
+                let dedup = fsm::Dedup::window(1_000_000);
+                fsm::apply_entry::<()>(&mut state, i, Payload::Normal(&req), dedup).expect("apply");
             },
             BatchSize::SmallInput,
         )

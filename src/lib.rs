@@ -14,12 +14,14 @@
 //!                    dialer of every outgoing connection; TLS listeners (net/tls.rs); the
 //!                    leader's check for members that lost acknowledged entries (net/lost.rs);
 //!                    commit-only appends folded into the next append (net/coalesce.rs)
-//! fsm/               deterministic state machine: apply(state, index, command) -> (mutations, response)
+//! fsm/               deterministic state machine: apply_entry(state, index, entry) stages the
+//!                    mutations and returns the response; every per-entry decision is here
 //! fsm/meta/          the metadata domain: records, apply rules, secondary indexes, queries, RBAC index
 //! storage/           the only RocksDB user: log store (group commit), state-machine store, checkpoints
 //! keys.rs            every key layout of both stores
 //! fsutil.rs          file helpers shared by snapshot and backup streaming
-//! raft_types.rs      openraft type configuration and the bincode codec
+//! raft_types.rs      openraft type configuration (the `Raft` handle type is consensus's)
+//! codec.rs           the one binary encoding (bincode 2): a leaf
 //! config.rs          TOML config with documented defaults and validate()
 //! tls.rs             PEM files -> rustls configurations (client port TLS, peer port mTLS)
 //! ops.rs / metrics.rs HTTP ops port: /healthz, /readyz, /metrics
@@ -30,6 +32,7 @@
 pub mod api;
 pub mod backup;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod consensus;
 pub mod fsm;

@@ -8,11 +8,12 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::api::Api;
 use crate::config::Config;
+use crate::consensus::Raft;
 use crate::consensus::{raft_config, Consensus};
 use crate::metrics::Metrics;
 use crate::net::service::PeerService;
 use crate::net::{NetworkFactory, PeerPool, MAX_PEER_MESSAGE};
-use crate::raft_types::{Node, Raft};
+use crate::raft_types::Node;
 use crate::storage::{LogStore, StateMachineStore};
 
 #[derive(Debug, thiserror::Error)]

@@ -546,7 +546,7 @@ async fn t07_bad_input_on_every_rpc_is_a_clear_error() {
         .collect();
     let s = peer
         .forward_batch(metaraft::pb::peer::Blob {
-            data: metaraft::raft_types::encode(&too_many).expect("encode"),
+            data: metaraft::codec::encode(&too_many).expect("encode"),
         })
         .await
         .expect_err("an oversized batch is refused");

@@ -10,9 +10,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::status::ApiError;
+use crate::codec::encode;
 use crate::consensus::Consensus;
 use crate::pb;
-use crate::raft_types::encode;
 use crate::storage::LogStore;
 
 /// Bytes per streamed file chunk.

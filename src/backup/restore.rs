@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::{segment, verify, BackupError, BaseManifest};
-use crate::raft_types::{decode, Entry, Node};
+use crate::codec::decode;
+use crate::raft_types::{Entry, Node};
 use crate::storage::StateMachineStore;
 
 #[derive(Clone, Debug)]

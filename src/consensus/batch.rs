@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::Raft;
 use super::{ConsensusError, Forwarded};
 use crate::fsm::{Request, Response};
 use crate::metrics::Metrics;
 use crate::net::{NetError, PeerPool};
-use crate::raft_types::Raft;
 
 type Waiter = oneshot::Sender<Result<u64, ConsensusError>>;
 

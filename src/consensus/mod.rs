@@ -20,10 +20,13 @@ use crate::config::Config;
 use crate::fsm::{Request, Response};
 use crate::metrics::Metrics;
 use crate::net::{NetError, PeerPool};
-use crate::raft_types::{Node, NodeId, Raft};
+use crate::raft_types::{Node, NodeId, TypeConfig};
 use crate::storage::StateMachineStore;
 
 pub mod batch;
+
+/// The openraft handle of this node: metaraft's types over the RocksDB state machine.
+pub type Raft = openraft::Raft<TypeConfig, StateMachineStore>;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConsensusError {

@@ -5,7 +5,10 @@
 //! given, so every replica that applies the same log ends with byte-identical state. Storage turns
 //! the mutations into one atomic RocksDB batch together with `last_applied`.
 
+mod entry;
 pub mod meta;
+
+pub use entry::{apply_entry, lineage_id, Applied, Payload, Staging};
 
 use serde::{Deserialize, Serialize};
 
@@ -241,7 +244,8 @@ pub enum Response {
         expected: u64,
         actual: u64,
     },
-    /// The command's format is newer than this binary understands.
+    /// Never produced: a newer format stops apply ([`FsmError::UnsupportedFormat`]). Kept
+    /// because responses are stored in request-id records, whose encoding numbers the variants.
     UnsupportedFormat {
         revision: u64,
         version: u8,
@@ -336,6 +340,12 @@ pub enum FsmError {
     Corrupt { key: Vec<u8>, reason: String },
     #[error("encode failed: {0}")]
     Encode(String),
+    #[error("log entry {index} has format version {version}, newer than this binary supports ({supported}); upgrade this node")]
+    UnsupportedFormat {
+        index: u64,
+        version: u8,
+        supported: u8,
+    },
 }
 
 /// Raw (key, value) pairs of a scan.
@@ -384,11 +394,23 @@ pub trait StateRead {
         -> Result<crate::fsm::KvPairs, FsmError>;
 }
 
+impl<T: StateRead + ?Sized> StateRead for &T {
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, FsmError> {
+        (**self).get_raw(key)
+    }
+    fn get_raw_ref(&self, key: &[u8]) -> Result<Option<std::borrow::Cow<'_, [u8]>>, FsmError> {
+        (**self).get_raw_ref(key)
+    }
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<KvPairs, FsmError> {
+        (**self).scan(start, end, limit)
+    }
+}
+
 fn get_value(state: &dyn StateRead, user_key: &[u8]) -> Result<Option<ValueRecord>, FsmError> {
     let key = keys::data(user_key);
     match state.get_raw_ref(&key)? {
         None => Ok(None),
-        Some(raw) => crate::raft_types::decode(&raw)
+        Some(raw) => crate::codec::decode(&raw)
             .map(Some)
             .map_err(|e| FsmError::Corrupt {
                 key,
@@ -422,7 +444,7 @@ fn get_revisions(state: &dyn StateRead, user_key: &[u8]) -> Result<Option<Revisi
         return Ok(None);
     };
     let head: RecordHead<'_> =
-        crate::raft_types::decode_borrowed(&raw).map_err(|e| FsmError::Corrupt {
+        crate::codec::decode_borrowed(&raw).map_err(|e| FsmError::Corrupt {
             key: key.clone(),
             reason: e.to_string(),
         })?;
@@ -434,13 +456,17 @@ fn get_revisions(state: &dyn StateRead, user_key: &[u8]) -> Result<Option<Revisi
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, FsmError> {
-    crate::raft_types::encode(v).map_err(|e| FsmError::Encode(e.to_string()))
+    crate::codec::encode(v).map_err(|e| FsmError::Encode(e.to_string()))
 }
 
 /// Forgets what expires at `index`: called for every log entry, whatever its payload, so every
 /// replica forgets the same ids at the same index. In the bucketed layout that is a whole bucket
 /// at the last index of each bucket; in the first layout, the id applied `window` entries before.
-pub fn expire(state: &dyn StateRead, index: u64, dedup: Dedup) -> Result<Vec<Mutation>, FsmError> {
+pub(crate) fn expire(
+    state: &dyn StateRead,
+    index: u64,
+    dedup: Dedup,
+) -> Result<Vec<Mutation>, FsmError> {
     let w = dedup.span();
     let mut muts = Vec::new();
     // Bucket b holds indexes up to (b + 1)w - 1, each remembered until w entries later: from
@@ -483,11 +509,10 @@ fn remembered(
     }
     for k in keys {
         if let Some(raw) = state.get_raw(&k)? {
-            let rec: DedupRecord =
-                crate::raft_types::decode(&raw).map_err(|e| FsmError::Corrupt {
-                    key: k.clone(),
-                    reason: e.to_string(),
-                })?;
+            let rec: DedupRecord = crate::codec::decode(&raw).map_err(|e| FsmError::Corrupt {
+                key: k.clone(),
+                reason: e.to_string(),
+            })?;
             if rec.index.saturating_add(dedup.span()) > index {
                 return Ok(Some(rec));
             }
@@ -497,25 +522,15 @@ fn remembered(
 }
 
 /// Applies a client request at `index`. Returns the mutations (to write atomically with
-/// `last_applied = index`) and the response. The caller runs [`expire`] first, for every
-/// entry.
-pub fn apply(
+/// `last_applied = index`) and the response. Only [`apply_entry`] calls it, after [`expire`]
+/// and the format check.
+pub(crate) fn apply(
     state: &dyn StateRead,
     index: u64,
     req: &Request,
     dedup: Dedup,
 ) -> Result<(Vec<Mutation>, Response), FsmError> {
     let mut muts = Vec::new();
-
-    if req.format_version > COMMAND_FORMAT_VERSION {
-        return Ok((
-            muts,
-            Response::UnsupportedFormat {
-                revision: index,
-                version: req.format_version,
-            },
-        ));
-    }
 
     if !req.request_id.is_empty() {
         if let Some(rec) = remembered(state, index, &req.request_id, dedup)? {
@@ -682,18 +697,11 @@ fn apply_command(
                 succeeded: ok,
             })
         }
-        Command::Meta { format, at_ms, op } => {
-            if *format > meta::META_FORMAT_VERSION {
-                return Ok(Response::UnsupportedFormat {
-                    revision: index,
-                    version: *format,
-                });
-            }
-            let op: meta::MetaOp =
-                crate::raft_types::decode(op).map_err(|e| FsmError::Corrupt {
-                    key: Vec::new(),
-                    reason: format!("meta op at index {index}: {e}"),
-                })?;
+        Command::Meta { at_ms, op, .. } => {
+            let op: meta::MetaOp = crate::codec::decode(op).map_err(|e| FsmError::Corrupt {
+                key: Vec::new(),
+                reason: format!("meta op at index {index}: {e}"),
+            })?;
             let (m, response) = meta::apply::apply_meta(state, index, *at_ms, &op)?;
             muts.extend(m);
             Ok(Response::Meta {

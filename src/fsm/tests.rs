@@ -32,16 +32,29 @@ impl StateRead for MemState {
     }
 }
 
+impl Staging for MemState {
+    fn state(&self) -> impl StateRead + '_ {
+        self
+    }
+    fn stage(&mut self, mutations: Vec<Mutation>) {
+        self.write(mutations.into_iter());
+    }
+}
+
 impl MemState {
     pub(crate) fn run(&mut self, index: u64, req: &Request, window: u64) -> Response {
         self.run_with(index, req, Dedup::window(window))
     }
     pub(crate) fn run_with(&mut self, index: u64, req: &Request, dedup: Dedup) -> Response {
-        let mut muts = expire(self, index, dedup).expect("expire");
-        self.write(muts.drain(..));
-        let (muts, resp) = apply(self, index, req, dedup).expect("apply");
-        self.write(muts.into_iter());
-        resp
+        self.try_run(index, req, dedup).expect("apply").response
+    }
+    pub(crate) fn try_run(
+        &mut self,
+        index: u64,
+        req: &Request,
+        dedup: Dedup,
+    ) -> Result<Applied, FsmError> {
+        apply_entry::<()>(self, index, Payload::Normal(req), dedup)
     }
     pub(crate) fn write(&mut self, muts: impl Iterator<Item = Mutation>) {
         for m in muts {
@@ -61,7 +74,7 @@ impl MemState {
     fn value(&self, key: &[u8]) -> Option<ValueRecord> {
         self.0
             .get(&keys::data(key))
-            .map(|raw| crate::raft_types::decode(raw).expect("decode"))
+            .map(|raw| crate::codec::decode(raw).expect("decode"))
     }
 }
 
@@ -285,8 +298,8 @@ fn newer_format_is_refused_not_applied() {
     let mut req = Request::new("", put("a", "1", None));
     req.format_version = COMMAND_FORMAT_VERSION + 1;
     assert!(matches!(
-        s.run(1, &req, 100),
-        Response::UnsupportedFormat { .. }
+        s.try_run(1, &req, Dedup::window(100)),
+        Err(FsmError::UnsupportedFormat { index: 1, .. })
     ));
     assert!(s.value(b"a").is_none());
 }
@@ -312,7 +325,7 @@ fn revisions_read_in_place_match_the_record_and_reject_damage() {
         mod_revision: 9,
         version: 4,
     };
-    let raw = crate::raft_types::encode(&rec).expect("encode");
+    let raw = crate::codec::encode(&rec).expect("encode");
     let mut s = MemState::default();
     s.0.insert(keys::data(b"a"), raw.clone());
     assert_eq!(
@@ -516,7 +529,7 @@ proptest! {
         k in bytes(), v in bytes(), op in bytes(), id in "[a-z0-9-]{0,40}",
         rev in any::<u64>(), exp in any::<Option<u64>>(), at in any::<u64>(),
     ) {
-        use crate::raft_types::{decode, encode};
+        use crate::codec::{decode, encode};
         let pairs: Vec<(Request, legacy::Request)> = vec![
             (
                 Request::new(id.clone(), Command::Put { key: k.clone(), value: v.clone(), expected_revision: exp }),

@@ -28,9 +28,10 @@ use openraft::raft::{
 use openraft::{AnyError, RaftNetworkFactory, RaftNetworkV2};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::codec::{decode, encode};
 use crate::pb::peer::peer_client::PeerClient;
 use crate::pb::peer::Blob;
-use crate::raft_types::{decode, encode, Node, NodeId, TypeConfig, Vote};
+use crate::raft_types::{Node, NodeId, TypeConfig, Vote};
 use crate::storage::SnapshotDir;
 
 /// Transport errors, as the consensus layer sees them.

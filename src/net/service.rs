@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::codec::{decode, encode};
 use crate::consensus::{AdminRequest, Consensus, ConsensusError, Forwarded};
 use crate::pb::peer::peer_server::Peer;
 use crate::pb::peer::{
     Blob, NodeStatusRequest, NodeStatusResponse, ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
 };
-use crate::raft_types::{decode, encode};
 use crate::storage::SnapshotDir;
 
 pub struct PeerService {

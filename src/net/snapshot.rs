@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::NetError;
+use crate::codec::{decode, encode};
 use crate::pb::peer::{snapshot_chunk, FileChunk, FileEntry, SnapshotChunk, SnapshotManifest};
-use crate::raft_types::{decode, encode, SnapshotMeta, TypeConfig, Vote};
+use crate::raft_types::{SnapshotMeta, TypeConfig, Vote};
 use crate::storage::SnapshotDir;
 
 pub const CHUNK_SIZE: usize = 1 << 20;

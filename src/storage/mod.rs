@@ -73,14 +73,14 @@ impl From<StorageError> for std::io::Error {
 }
 
 pub(crate) fn enc<T: serde::Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, StorageError> {
-    crate::raft_types::encode(v).map_err(|e| StorageError::Encode {
+    crate::codec::encode(v).map_err(|e| StorageError::Encode {
         what,
         reason: e.to_string(),
     })
 }
 
 pub(crate) fn dec<T: serde::de::DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, StorageError> {
-    crate::raft_types::decode(b).map_err(|e| StorageError::Decode {
+    crate::codec::decode(b).map_err(|e| StorageError::Decode {
         what: what.to_string(),
         reason: e.to_string(),
     })

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::fsm::meta::rbac::RbacIndex;
+use crate::fsm::meta::rbac::{self, RbacIndex};
 use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use super::dedup_filter::DedupFilter;
 use super::{dec, enc, sync_dir, StorageError};
-use crate::fsm::{self, FsmError, Mutation, Response, StateRead};
+use crate::fsm::{self, FsmError, Mutation, Payload, Response, StateRead};
 use crate::keys;
 use crate::raft_types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -493,7 +493,7 @@ impl StateMachineStore {
     pub fn new_lineage(&self, seed: &[u8]) -> Result<String, StorageError> {
         let mut material = seed.to_vec();
         material.extend_from_slice(&rand::random::<u64>().to_le_bytes());
-        let id = lineage_id(&material);
+        let id = fsm::lineage_id(&material);
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db()
@@ -566,72 +566,38 @@ impl StateMachineStore {
         dedup: fsm::Dedup,
     ) -> Result<Response, StorageError> {
         let index = entry.log_id.index;
-        let state = DbState {
+        let mut stage = StagedState {
             db,
-            overlay: &staged.writes,
-            deleted: &staged.ranges,
-            recent: Some(&self.recent),
+            staged,
+            recent: &self.recent,
             dedup_filter: self.dedup_filter.as_ref(),
         };
-        let expired = fsm::expire(&state, index, dedup)?;
-        staged.add(expired);
-        let resp = match &entry.payload {
-            EntryPayload::Blank => Response::None { revision: index },
+        let applied = match &entry.payload {
+            EntryPayload::Blank => fsm::apply_entry::<()>(&mut stage, index, Payload::Blank, dedup),
             EntryPayload::Normal(req) => {
-                if req.format_version > fsm::COMMAND_FORMAT_VERSION {
-                    return Err(StorageError::UnsupportedFormat {
-                        index,
-                        version: req.format_version,
-                        supported: fsm::COMMAND_FORMAT_VERSION,
-                    });
-                }
-                if let fsm::Command::Meta { format, .. } = &req.command {
-                    if *format > fsm::meta::META_FORMAT_VERSION {
-                        return Err(StorageError::UnsupportedFormat {
-                            index,
-                            version: *format,
-                            supported: fsm::meta::META_FORMAT_VERSION,
-                        });
-                    }
-                }
-                let state = DbState {
-                    db,
-                    overlay: &staged.writes,
-                    deleted: &staged.ranges,
-                    recent: Some(&self.recent),
-                    dedup_filter: self.dedup_filter.as_ref(),
-                };
-                let (muts, resp) = fsm::apply(&state, index, req, dedup)?;
-                staged.add(muts);
-                resp
+                fsm::apply_entry::<()>(&mut stage, index, Payload::Normal(req), dedup)
             }
             EntryPayload::Membership(m) => {
                 let sm = StoredMembership::new(Some(entry.log_id), m.clone());
-                let mut muts = vec![Mutation::Put(
-                    keys::SM_META_MEMBERSHIP.to_vec(),
-                    enc("membership", &sm)?,
-                )];
-                let has_id = match staged.writes.get(keys::SM_META_CLUSTER_ID) {
-                    Some(v) => v.is_some(),
-                    None => db
-                        .get(keys::SM_META_CLUSTER_ID)
-                        .map_err(StorageError::rocks("get cluster id"))?
-                        .is_some(),
-                };
-                if !has_id {
-                    // Deterministic on every replica: derived from the first membership entry.
-                    let id = lineage_id(&enc("membership", &sm)?);
-                    self.set_lineage(&id);
-                    muts.push(Mutation::Put(
-                        keys::SM_META_CLUSTER_ID.to_vec(),
-                        id.into_bytes(),
-                    ));
-                }
-                staged.add(muts);
-                Response::None { revision: index }
+                fsm::apply_entry(&mut stage, index, Payload::Membership(&sm), dedup)
             }
-        };
-        Ok(resp)
+        }
+        .map_err(|e| match e {
+            FsmError::UnsupportedFormat {
+                index,
+                version,
+                supported,
+            } => StorageError::UnsupportedFormat {
+                index,
+                version,
+                supported,
+            },
+            e => StorageError::Fsm(e),
+        })?;
+        if let Some(id) = &applied.cluster_id {
+            self.set_lineage(id);
+        }
+        Ok(applied.response)
     }
 
     /// Writes the pending batch, then answers its clients and publishes the applied index.
@@ -661,19 +627,7 @@ impl StateMachineStore {
                 }
             }
         }
-        // Only batches that wrote metadata rows take the RBAC index's lock (key/value writes,
-        // the hot path, never do).
-        let mut rows = staged
-            .writes
-            .iter()
-            .filter(|(k, _)| k.first() == Some(&keys::META_ROW))
-            .peekable();
-        if rows.peek().is_some() {
-            let mut rbac = self.rbac_write();
-            for (k, v) in rows {
-                rbac.observe(k, v.as_deref())?;
-            }
-        }
+        rbac::observe_batch(&self.shared.rbac, &staged.writes)?;
         self.recent.absorb(&mut staged.writes);
         staged.ranges.clear();
         staged.bytes = 0;
@@ -937,6 +891,30 @@ impl StateRead for DbState<'_> {
     }
 }
 
+/// The batch being applied, as the state machine stages into it and reads through it.
+struct StagedState<'a> {
+    db: &'a DB,
+    staged: &'a mut Staged,
+    recent: &'a RecentValues,
+    dedup_filter: Option<&'a DedupFilter>,
+}
+
+impl fsm::Staging for StagedState<'_> {
+    fn state(&self) -> impl StateRead + '_ {
+        DbState {
+            db: self.db,
+            overlay: &self.staged.writes,
+            deleted: &self.staged.ranges,
+            recent: Some(self.recent),
+            dedup_filter: self.dedup_filter,
+        }
+    }
+
+    fn stage(&mut self, mutations: Vec<Mutation>) {
+        self.staged.add(mutations);
+    }
+}
+
 /// A filter holding every request-id record `db` has (one key scan of the live buckets).
 fn build_dedup_filter(db: &DB, window: u64) -> Result<DedupFilter, StorageError> {
     let mut f = DedupFilter::new(window);
@@ -1076,14 +1054,6 @@ fn list_snapshots(snaps: &Path) -> Vec<PathBuf> {
         }
     }
     v
-}
-
-/// A cluster lineage id: 16 hex digits derived from `material`.
-fn lineage_id(material: &[u8]) -> String {
-    let a = crc32fast::hash(material) as u64;
-    let mut h = crc32fast::Hasher::new_with_initial(0x9e37_79b9);
-    h.update(material);
-    format!("{:016x}", (a << 32) | h.finalize() as u64)
 }
 
 /// The metadata and state hash of a checkpoint directory.

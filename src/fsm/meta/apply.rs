@@ -155,8 +155,7 @@ impl<'a> Tx<'a> {
         }
         match (old, new) {
             (_, Some(r)) => {
-                let raw =
-                    crate::raft_types::encode(r).map_err(|e| FsmError::Encode(e.to_string()))?;
+                let raw = crate::codec::encode(r).map_err(|e| FsmError::Encode(e.to_string()))?;
                 self.put(keys::meta_row(&r.id), raw);
             }
             (Some(r), None) => self.delete(keys::meta_row(&r.id)),
@@ -190,7 +189,7 @@ pub fn load_record(state: &dyn StateRead, id: &Id) -> Result<Option<Record>, Fsm
 }
 
 pub fn decode_record(key: &[u8], raw: &[u8]) -> Result<Record, FsmError> {
-    let r: Record = crate::raft_types::decode(raw).map_err(|e| FsmError::Corrupt {
+    let r: Record = crate::codec::decode(raw).map_err(|e| FsmError::Corrupt {
         key: key.to_vec(),
         reason: e.to_string(),
     })?;
@@ -237,8 +236,7 @@ pub fn load_head(state: &dyn StateRead, id: &Id) -> Result<Option<Head>, FsmErro
         key: key.clone(),
         reason,
     };
-    let h: RecordHead =
-        crate::raft_types::decode_prefix(&raw).map_err(|e| corrupt(e.to_string()))?;
+    let h: RecordHead = crate::codec::decode_prefix(&raw).map_err(|e| corrupt(e.to_string()))?;
     if h.format > META_FORMAT_VERSION {
         return Err(corrupt(format!(
             "record format {} is newer than this binary supports ({META_FORMAT_VERSION}): upgrade this node",

@@ -224,6 +224,27 @@ pub struct RbacIndex {
     facts: std::sync::Mutex<HashMap<Id, std::sync::Arc<Facts>>>,
 }
 
+/// Brings `index` up to date with one written batch (key -> value, None for a delete). Takes
+/// the write lock only when the batch wrote metadata rows: key/value writes, the hot path, never
+/// do.
+pub fn observe_batch(
+    index: &std::sync::RwLock<RbacIndex>,
+    writes: &crate::fsm::Overlay,
+) -> Result<(), FsmError> {
+    let mut rows = writes
+        .iter()
+        .filter(|(k, _)| k.first() == Some(&keys::META_ROW))
+        .peekable();
+    if rows.peek().is_none() {
+        return Ok(());
+    }
+    let mut ix = index.write().unwrap_or_else(|p| p.into_inner());
+    for (k, v) in rows {
+        ix.observe(k, v.as_deref())?;
+    }
+    Ok(())
+}
+
 impl RbacIndex {
     /// Loads the index from a state (at open and after a snapshot install).
     pub fn load(state: &dyn StateRead) -> Result<RbacIndex, FsmError> {

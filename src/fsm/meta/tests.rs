@@ -7,7 +7,7 @@ use super::query::{self, ListQuery, Order};
 use super::rbac::{self, RbacIndex};
 use super::*;
 use crate::fsm::tests::MemState;
-use crate::fsm::{Command, Request, Response};
+use crate::fsm::{Command, Dedup, FsmError, Request, Response};
 
 struct World {
     s: MemState,
@@ -861,8 +861,7 @@ fn newer_record_format_is_a_clear_error() {
     let key = crate::keys::meta_row(&org);
     let mut r = w.get(&org);
     r.format = META_FORMAT_VERSION + 1;
-    w.s.0
-        .insert(key, crate::raft_types::encode(&r).expect("encode"));
+    w.s.0.insert(key, crate::codec::encode(&r).expect("encode"));
     let e = query::get(&w.s, &org).expect_err("refused");
     assert!(e.to_string().contains("newer than this binary"), "{e}");
 }
@@ -876,8 +875,11 @@ fn newer_meta_command_format_is_refused_not_applied() {
         op: vec![1, 2, 3],
     };
     let before = w.s.0.clone();
-    let r = w.s.run(1, &Request::new("", cmd), 100);
-    assert!(matches!(r, Response::UnsupportedFormat { .. }));
+    let r = w.s.try_run(1, &Request::new("", cmd), Dedup::window(100));
+    assert!(matches!(
+        r,
+        Err(FsmError::UnsupportedFormat { index: 1, .. })
+    ));
     assert_eq!(before, w.s.0);
 }
 
