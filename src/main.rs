@@ -1,10 +1,7 @@
-//! The `metaraft` binary: parse the command line and hand over to `cli`.
+//! The `metaraft` binary: parse the command line, hand over to `cli`, and turn an error into
+//! exit code 1 with a hint when the likely cause is TLS.
 
-mod backup_cmd;
-mod bench;
-mod bench_meta;
 mod cli;
-mod meta_cmd;
 
 use clap::Parser;
 

@@ -10,7 +10,8 @@ use metaraft::backup::{self, base::BaseHeader, BaseWriter, SegmentRecord, Segmen
 use metaraft::client::Client;
 use metaraft::pb;
 
-use crate::cli::{Conn, Output};
+use super::args::{Conn, Output};
+use super::runtime;
 
 /// Default pace of base transfers (MB/s).
 pub const DEFAULT_RATE_MB: u64 = 40;
@@ -145,7 +146,7 @@ pub fn run(op: BackupCmd) -> Result<ExitCode> {
             conn,
             out,
             max_rate_mb,
-        } => rt()?.block_on(async {
+        } => runtime::multi_thread()?.block_on(async {
             let c = conn.client()?;
             let (path, m) = take_base(&c, &out, max_rate_mb << 20).await?;
             println!(
@@ -168,7 +169,7 @@ pub fn run(op: BackupCmd) -> Result<ExitCode> {
             retain_bases,
             until_index,
             duration_s,
-        } => rt()?.block_on(stream(StreamOpts {
+        } => runtime::multi_thread()?.block_on(stream(StreamOpts {
             conn,
             out,
             rate: max_rate_mb << 20,
@@ -180,12 +181,6 @@ pub fn run(op: BackupCmd) -> Result<ExitCode> {
             deadline: duration_s.map(|s| Instant::now() + Duration::from_secs(s)),
         })),
     }
-}
-
-fn rt() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
 }
 
 fn fmt_ms(ms: u64) -> String {
@@ -275,11 +270,74 @@ struct StreamOpts {
     deadline: Option<Instant>,
 }
 
+/// Where a stream stands: the next index due, and entries written since the last base.
+struct Cursor {
+    next: u64,
+    since_base: u64,
+}
+
+/// What a stream does next.
+enum Flow {
+    /// Go on reading the current tail stream.
+    Continue,
+    /// Stop with success: segments synced (a signal, the deadline, or --until-index).
+    Done,
+    /// Connect again (to the best source) after a pause.
+    Reconnect,
+}
+
 async fn stream(o: StreamOpts) -> Result<ExitCode> {
     let c = o.conn.client()?;
+    let (mut w, next) = open_segments(&c, &o).await?;
+    let mut cur = Cursor {
+        next,
+        since_base: 0,
+    };
+    eprintln!(
+        "streaming committed entries from index {} into {}",
+        cur.next,
+        o.out.display()
+    );
+    let mut term_sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        if o.deadline.is_some_and(|d| Instant::now() >= d) {
+            w.sync()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let src = match pick_source(&c).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("no source yet: {e:#}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let s = match src.tail_log(0, cur.next).await {
+            Ok(s) => s,
+            Err(e) => {
+                if e.code() == Some(tonic::Code::FailedPrecondition) {
+                    cur.next = rebase(&c, &o, &mut w, &e.to_string()).await?;
+                    cur.since_base = 0;
+                } else {
+                    eprintln!("tail: {e}; reconnecting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                continue;
+            }
+        };
+        if let Flow::Done = follow(&c, &o, &mut w, &mut cur, s, &mut term_sig).await? {
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The segment writer, resumed where the last stream stopped (after a first base when the
+/// directory has none), and the next index to stream.
+async fn open_segments(c: &Client, o: &StreamOpts) -> Result<(SegmentWriter, u64)> {
     std::fs::create_dir_all(&o.out)?;
     if backup::list_bases(&o.out)?.is_empty() {
-        let (p, m) = take_base(&c, &o.out, o.rate).await?;
+        let (p, m) = take_base(c, &o.out, o.rate).await?;
         eprintln!(
             "base backup at index {} in {}",
             m.applied_index,
@@ -298,106 +356,99 @@ async fn stream(o: StreamOpts) -> Result<ExitCode> {
     }
     let latest_base =
         || -> Result<u64> { Ok(backup::list_bases(&o.out)?.last().map(|b| b.0).unwrap_or(0)) };
-    let mut since_base = 0u64;
-    let mut next = match last {
+    let next = match last {
         Some(l) if l >= latest_base()? => l + 1,
         _ => {
             w.close()?;
             latest_base()? + 1
         }
     };
-    eprintln!(
-        "streaming committed entries from index {next} into {}",
-        o.out.display()
-    );
-    let mut term_sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok((w, next))
+}
+
+/// Reads one tail stream into the segments until it ends, fails or the stream should stop;
+/// syncs the segments every `fsync_every` meanwhile.
+async fn follow(
+    c: &Client,
+    o: &StreamOpts,
+    w: &mut SegmentWriter,
+    cur: &mut Cursor,
+    mut s: tonic::Streaming<pb::LogRecord>,
+    term_sig: &mut tokio::signal::unix::Signal,
+) -> Result<Flow> {
     loop {
-        if o.deadline.is_some_and(|d| Instant::now() >= d) {
-            w.sync()?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        let src = match pick_source(&c).await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("no source yet: {e:#}; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        let mut s = match src.tail_log(0, next).await {
-            Ok(s) => s,
-            Err(e) => {
-                if e.code() == Some(tonic::Code::FailedPrecondition) {
-                    next = rebase(&c, &o, &mut w, &e.to_string()).await?;
-                    since_base = 0;
-                } else {
-                    eprintln!("tail: {e}; reconnecting");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+        let msg = tokio::select! {
+            m = s.message() => m,
+            _ = tokio::signal::ctrl_c() => { w.sync()?; return Ok(Flow::Done); }
+            _ = term_sig.recv() => { w.sync()?; return Ok(Flow::Done); }
+            _ = tokio::time::sleep(o.fsync_every) => {
+                w.sync()?;
+                if o.deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(Flow::Done);
                 }
                 continue;
             }
         };
-        loop {
-            let msg = tokio::select! {
-                m = s.message() => m,
-                _ = tokio::signal::ctrl_c() => { w.sync()?; return Ok(ExitCode::SUCCESS); }
-                _ = term_sig.recv() => { w.sync()?; return Ok(ExitCode::SUCCESS); }
-                _ = tokio::time::sleep(o.fsync_every) => {
-                    w.sync()?;
-                    if o.deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    continue;
-                }
-            };
-            match msg {
-                Ok(Some(r)) => {
-                    if r.index != next {
-                        bail!("node sent index {} where {next} was due", r.index);
-                    }
-                    w.append(&SegmentRecord {
-                        index: r.index,
-                        term: r.term,
-                        unix_ms: backup::now_unix_ms(),
-                        entry: r.entry,
-                    })?;
-                    next += 1;
-                    since_base += 1;
-                    if o.until_index.is_some_and(|u| r.index >= u) {
-                        w.sync()?;
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    if o.base_every > 0 && since_base >= o.base_every {
-                        w.sync()?;
-                        let (p, m) = take_base(&c, &o.out, o.rate).await?;
-                        eprintln!(
-                            "base backup at index {} in {}",
-                            m.applied_index,
-                            p.display()
-                        );
-                        since_base = 0;
-                        prune(&o)?;
-                    }
-                    if o.deadline.is_some_and(|d| Instant::now() >= d) {
-                        w.sync()?;
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                }
-                Ok(None) => break,
-                Err(e) if e.code() == tonic::Code::FailedPrecondition => {
-                    next = rebase(&c, &o, &mut w, &e.to_string()).await?;
-                    since_base = 0;
-                    break;
-                }
-                Err(e) => {
-                    eprintln!("tail stream: {e}; reconnecting");
-                    w.sync()?;
-                    break;
+        match msg {
+            Ok(Some(r)) => {
+                if let Flow::Done = append(c, o, w, cur, r).await? {
+                    return Ok(Flow::Done);
                 }
             }
+            Ok(None) => return Ok(Flow::Reconnect),
+            Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                cur.next = rebase(c, o, w, &e.to_string()).await?;
+                cur.since_base = 0;
+                return Ok(Flow::Reconnect);
+            }
+            Err(e) => {
+                eprintln!("tail stream: {e}; reconnecting");
+                w.sync()?;
+                return Ok(Flow::Reconnect);
+            }
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Appends the next record; takes a new base every `base_every` entries.
+async fn append(
+    c: &Client,
+    o: &StreamOpts,
+    w: &mut SegmentWriter,
+    cur: &mut Cursor,
+    r: pb::LogRecord,
+) -> Result<Flow> {
+    if r.index != cur.next {
+        bail!("node sent index {} where {} was due", r.index, cur.next);
+    }
+    w.append(&SegmentRecord {
+        index: r.index,
+        term: r.term,
+        unix_ms: backup::now_unix_ms(),
+        entry: r.entry,
+    })?;
+    cur.next += 1;
+    cur.since_base += 1;
+    if o.until_index.is_some_and(|u| r.index >= u) {
+        w.sync()?;
+        return Ok(Flow::Done);
+    }
+    if o.base_every > 0 && cur.since_base >= o.base_every {
+        w.sync()?;
+        let (p, m) = take_base(c, &o.out, o.rate).await?;
+        eprintln!(
+            "base backup at index {} in {}",
+            m.applied_index,
+            p.display()
+        );
+        cur.since_base = 0;
+        prune(o)?;
+    }
+    if o.deadline.is_some_and(|d| Instant::now() >= d) {
+        w.sync()?;
+        return Ok(Flow::Done);
+    }
+    Ok(Flow::Continue)
 }
 
 /// The log the stream needs is gone: end the current segment, take a new base, and continue
@@ -437,7 +488,7 @@ pub fn restore(a: RestoreArgs) -> Result<ExitCode> {
         client_addr: a.client_addr,
         dedup_window: metaraft::config::Config::default().raft.dedup_window,
     };
-    let r = rt()?.block_on(backup::restore::restore(&opts))?;
+    let r = runtime::multi_thread()?.block_on(backup::restore::restore(&opts))?;
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
         Output::Text => println!(

@@ -3,7 +3,9 @@
 //! `concurrency` workers each keep one request in flight for `duration`, over `keys` keys with
 //! `value_size`-byte values; `read_ratio` of operations are Gets at the chosen consistency, spread
 //! round-robin over all endpoints. Prints throughput and p50/p99/p99.9 latency (HDR histogram),
-//! optionally as JSON.
+//! optionally as JSON. The metadata workloads (`--workload`) are in [`meta`].
+
+pub mod meta;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,9 +16,11 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 
-use crate::cli::ConsistencyArg;
 use metaraft::client::Client;
 use metaraft::pb;
+
+use super::args::{ClientTlsArgs, ConsistencyArg};
+use super::runtime;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -58,10 +62,10 @@ pub struct BenchArgs {
     /// kv (Put/Get), or a metadata workload: ci-burst, dashboard, steady, registry, admin
     /// (see docs/benchmarks.md).
     #[arg(long, value_enum, default_value = "kv")]
-    pub workload: crate::bench_meta::Workload,
+    pub workload: meta::Workload,
     /// TLS towards metaraft's client port (as for every client subcommand); etcd is plaintext.
     #[command(flatten)]
-    pub tls: crate::cli::ClientTlsArgs,
+    pub tls: ClientTlsArgs,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq)]
@@ -177,22 +181,21 @@ struct Stats {
     first_error: Option<String>,
 }
 
-pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
-    if a.workload != crate::bench_meta::Workload::Kv {
-        if a.target != Target::Metaraft {
-            bail!("metadata workloads drive metaraft only");
-        }
-        if a.concurrency == 0 || a.duration == 0 {
-            bail!("--concurrency and --duration must be > 0");
-        }
-        let o = crate::bench_meta::Opts {
-            tls: a.tls.config()?,
-            endpoints: a.endpoints.clone(),
-            concurrency: a.concurrency,
-            duration: a.duration,
-            json: a.json,
-        };
-        return crate::bench_meta::run(a.workload, o).await;
+/// Runs the load generator in a runtime of `--threads` threads.
+pub fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
+    if a.threads > metaraft::config::MAX_RUNTIME_THREADS {
+        bail!(
+            "--threads must be at most {}",
+            metaraft::config::MAX_RUNTIME_THREADS
+        );
+    }
+    let threads = metaraft::config::runtime_threads_here(a.threads);
+    runtime::with_threads(threads)?.block_on(bench(a))
+}
+
+async fn bench(a: BenchArgs) -> Result<std::process::ExitCode> {
+    if a.workload != meta::Workload::Kv {
+        return bench_meta(&a).await;
     }
     if a.concurrency == 0 || a.keys == 0 || a.duration == 0 {
         bail!("--concurrency, --keys and --duration must be > 0");
@@ -211,65 +214,77 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
     }
     let value = vec![b'x'; a.value_size];
     if a.preload {
-        let mut set = tokio::task::JoinSet::new();
-        let next = Arc::new(AtomicU64::new(0));
-        for w in 0..a.concurrency.min(64) {
-            let (mut c, next, value, keys) = (
-                conns[w % conns.len()].clone(),
-                next.clone(),
-                value.clone(),
-                a.keys,
-            );
-            set.spawn(async move {
-                loop {
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    if k >= keys {
-                        return Ok::<_, anyhow::Error>(());
-                    }
-                    c.put(key(k), value.clone()).await?;
-                }
-            });
-        }
-        while let Some(r) = set.join_next().await {
-            r??;
-        }
+        preload(&conns, &a, &value).await?;
     }
+    let start = Instant::now();
+    let total = measure(&conns, &a, &value).await?;
+    let secs = start.elapsed().as_secs_f64();
+    report(&a, &total, secs);
+    if total.ok == 0 {
+        // A run where nothing succeeded measured nothing: say why and fail, so a script (or
+        // compare-etcd.sh) never reads it as a figure.
+        eprintln!(
+            "error: no request succeeded; the first failure: {}",
+            total.first_error.as_deref().unwrap_or("none recorded")
+        );
+        return Ok(std::process::ExitCode::FAILURE);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A metadata workload (`--workload` other than kv), in [`meta`].
+async fn bench_meta(a: &BenchArgs) -> Result<std::process::ExitCode> {
+    if a.target != Target::Metaraft {
+        bail!("metadata workloads drive metaraft only");
+    }
+    if a.concurrency == 0 || a.duration == 0 {
+        bail!("--concurrency and --duration must be > 0");
+    }
+    let o = meta::Opts {
+        tls: a.tls.config()?,
+        endpoints: a.endpoints.clone(),
+        concurrency: a.concurrency,
+        duration: a.duration,
+        json: a.json,
+    };
+    meta::run(a.workload, o).await
+}
+
+/// Writes every key once (`--preload`), with up to 64 writers.
+async fn preload(conns: &[Conn], a: &BenchArgs, value: &[u8]) -> Result<()> {
+    let mut set = tokio::task::JoinSet::new();
+    let next = Arc::new(AtomicU64::new(0));
+    for w in 0..a.concurrency.min(64) {
+        let (mut c, next, value, keys) = (
+            conns[w % conns.len()].clone(),
+            next.clone(),
+            value.to_vec(),
+            a.keys,
+        );
+        set.spawn(async move {
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= keys {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                c.put(key(k), value.clone()).await?;
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// `--concurrency` workers for `--duration` seconds; their stats summed.
+async fn measure(conns: &[Conn], a: &BenchArgs, value: &[u8]) -> Result<Stats> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut set = tokio::task::JoinSet::new();
-    let start = Instant::now();
     for w in 0..a.concurrency {
-        let mut kv = conns[w % conns.len()].clone();
-        let (stop, value, a) = (stop.clone(), value.clone(), a.clone());
-        set.spawn(async move {
-            let mut st = Stats {
-                hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
-                ok: 0,
-                errors: 0,
-                first_error: None,
-            };
-            let mut rng = rand::rngs::StdRng::from_entropy();
-            while !stop.load(Ordering::Relaxed) {
-                let k = key(rng.gen_range(0..a.keys));
-                let t = Instant::now();
-                let r = if rng.gen_bool(a.read_ratio) {
-                    kv.get(k, a.consistency).await
-                } else {
-                    kv.put(k, value.clone()).await
-                };
-                match r {
-                    Ok(()) => {
-                        st.ok += 1;
-                        let _ = st.hist.record(t.elapsed().as_micros().max(1) as u64);
-                    }
-                    Err(e) => {
-                        st.errors += 1;
-                        st.first_error.get_or_insert_with(|| format!("{e:#}"));
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-            }
-            st
-        });
+        let kv = conns[w % conns.len()].clone();
+        let (stop, value, a) = (stop.clone(), value.to_vec(), a.clone());
+        set.spawn(worker(kv, a, value, stop));
     }
     tokio::time::sleep(Duration::from_secs(a.duration)).await;
     stop.store(true, Ordering::Relaxed);
@@ -288,7 +303,43 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
             total.first_error = s.first_error;
         }
     }
-    let secs = start.elapsed().as_secs_f64();
+    Ok(total)
+}
+
+/// One request in flight until `stop`: a Get with probability `--read-ratio`, else a Put.
+async fn worker(mut kv: Conn, a: BenchArgs, value: Vec<u8>, stop: Arc<AtomicBool>) -> Stats {
+    let mut st = Stats {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
+        ok: 0,
+        errors: 0,
+        first_error: None,
+    };
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    while !stop.load(Ordering::Relaxed) {
+        let k = key(rng.gen_range(0..a.keys));
+        let t = Instant::now();
+        let r = if rng.gen_bool(a.read_ratio) {
+            kv.get(k, a.consistency).await
+        } else {
+            kv.put(k, value.clone()).await
+        };
+        match r {
+            Ok(()) => {
+                st.ok += 1;
+                let _ = st.hist.record(t.elapsed().as_micros().max(1) as u64);
+            }
+            Err(e) => {
+                st.errors += 1;
+                st.first_error.get_or_insert_with(|| format!("{e:#}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    st
+}
+
+/// Throughput and latency percentiles, as text or (`--json`) one JSON object.
+fn report(a: &BenchArgs, total: &Stats, secs: f64) {
     let ms = |q: f64| total.hist.value_at_quantile(q) as f64 / 1000.0;
     let tput = total.ok as f64 / secs;
     if a.json {
@@ -307,16 +358,6 @@ pub async fn run(a: BenchArgs) -> Result<std::process::ExitCode> {
             format!("{:?}", a.target).to_lowercase(), tput, total.ok, total.errors, ms(0.5), ms(0.99), ms(0.999), a.concurrency, a.read_ratio * 100.0, a.value_size, secs
         );
     }
-    if total.ok == 0 {
-        // A run where nothing succeeded measured nothing: say why and fail, so a script (or
-        // compare-etcd.sh) never reads it as a figure.
-        eprintln!(
-            "error: no request succeeded; the first failure: {}",
-            total.first_error.as_deref().unwrap_or("none recorded")
-        );
-        return Ok(std::process::ExitCode::FAILURE);
-    }
-    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn key(k: u64) -> Vec<u8> {

@@ -316,7 +316,7 @@ pub async fn run(workload: Workload, o: Opts) -> Result<std::process::ExitCode> 
     let mut start = Instant::now();
     let mut total = Rec::default();
     match workload {
-        Workload::Kv => unreachable!("handled by bench.rs"),
+        Workload::Kv => unreachable!("the kv load is bench/mod.rs's"),
         Workload::CiBurst => {
             // 50 pipelines x 20 steps, all launched at once (as fast as the cluster takes them).
             let mut set = tokio::task::JoinSet::new();
@@ -381,131 +381,139 @@ struct Prep {
 async fn prepare(c: &Arc<Client>, w: &World, workload: Workload) -> Result<Prep> {
     let mut p = Prep::default();
     match workload {
-        Workload::Dashboard | Workload::Admin => {
-            // 2,000 runs (one with 1,000 steps) to list and check.
-            let mut set = tokio::task::JoinSet::new();
-            for b in 0..16usize {
-                let (c, project, pipes, users) = (
-                    c.clone(),
-                    w.project.clone(),
-                    w.pipelines.clone(),
-                    w.users.clone(),
-                );
-                set.spawn(async move {
-                    let mut ids = Vec::new();
-                    for r in 0..125usize {
-                        let i = b * 125 + r;
-                        let st = [
-                            pb::RunStatus::Completed,
-                            pb::RunStatus::Failed,
-                            pb::RunStatus::Running,
-                        ][i % 3];
-                        let id = create(
-                            &c,
-                            &project,
-                            &format!("run-{i:05}"),
-                            &users[i % 30],
-                            run_spec(&pipes[i % 50], 0),
-                        )
-                        .await?;
-                        if st != pb::RunStatus::Running {
-                            c.set_run_status(status_req(&id, st)).await?;
-                        }
-                        ids.push(id);
-                    }
-                    Ok::<_, anyhow::Error>(ids)
-                });
-            }
-            while let Some(r) = set.join_next().await {
-                p.runs.extend(r??);
-            }
-            let big = create(
-                c,
-                &w.project,
-                "big-run",
-                &w.users[0],
-                run_spec(&w.pipelines[0], 0),
-            )
-            .await?;
-            for s in 0..1000 {
-                create(
-                    c,
-                    &big,
-                    &format!("s{s}"),
-                    &w.users[0],
-                    S::StepRun(pb::StepRunSpec {
-                        attempt: 1,
-                        ..Default::default()
-                    }),
-                )
-                .await?;
-            }
-            p.runs.push(big);
-        }
-        Workload::Registry => {
-            p.artifact = create(
-                c,
-                &w.project,
-                "dataset",
-                &w.users[0],
-                S::Artifact(Default::default()),
-            )
-            .await?;
-            p.model = create(
-                c,
-                &w.project,
-                "model",
-                &w.users[0],
-                S::Model(Default::default()),
-            )
-            .await?;
-            for _ in 0..20 {
-                p.versions.push(
-                    create(
-                        c,
-                        &p.model,
-                        "",
-                        &w.users[0],
-                        S::ModelVersion(Default::default()),
-                    )
-                    .await?,
-                );
-                create(
-                    c,
-                    &p.artifact,
-                    "",
-                    &w.users[0],
-                    S::ArtifactVersion(pb::ArtifactVersionSpec {
-                        uri: "s3://b/k".into(),
-                        ..Default::default()
-                    }),
-                )
-                .await?;
-            }
-            let run = create(
-                c,
-                &w.project,
-                "scored",
-                &w.users[0],
-                run_spec(&w.pipelines[0], 0),
-            )
-            .await?;
-            create(
-                c,
-                &run,
-                "accuracy",
-                &w.users[0],
-                S::RunMetadata(pb::RunMetadataSpec {
-                    value: Some(pb::MetadataValue {
-                        value: Some(pb::metadata_value::Value::Str("high".into())),
-                    }),
-                }),
-            )
-            .await?;
-        }
+        Workload::Dashboard | Workload::Admin => p.runs = prepare_runs(c, w).await?,
+        Workload::Registry => prepare_registry(c, w, &mut p).await?,
         _ => {}
     }
     Ok(p)
+}
+
+/// 2,000 runs (one with 1,000 steps) to list and check.
+async fn prepare_runs(c: &Arc<Client>, w: &World) -> Result<Vec<String>> {
+    let mut runs = Vec::new();
+    let mut set = tokio::task::JoinSet::new();
+    for b in 0..16usize {
+        let (c, project, pipes, users) = (
+            c.clone(),
+            w.project.clone(),
+            w.pipelines.clone(),
+            w.users.clone(),
+        );
+        set.spawn(async move {
+            let mut ids = Vec::new();
+            for r in 0..125usize {
+                let i = b * 125 + r;
+                let st = [
+                    pb::RunStatus::Completed,
+                    pb::RunStatus::Failed,
+                    pb::RunStatus::Running,
+                ][i % 3];
+                let id = create(
+                    &c,
+                    &project,
+                    &format!("run-{i:05}"),
+                    &users[i % 30],
+                    run_spec(&pipes[i % 50], 0),
+                )
+                .await?;
+                if st != pb::RunStatus::Running {
+                    c.set_run_status(status_req(&id, st)).await?;
+                }
+                ids.push(id);
+            }
+            Ok::<_, anyhow::Error>(ids)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        runs.extend(r??);
+    }
+    let big = create(
+        c,
+        &w.project,
+        "big-run",
+        &w.users[0],
+        run_spec(&w.pipelines[0], 0),
+    )
+    .await?;
+    for s in 0..1000 {
+        create(
+            c,
+            &big,
+            &format!("s{s}"),
+            &w.users[0],
+            S::StepRun(pb::StepRunSpec {
+                attempt: 1,
+                ..Default::default()
+            }),
+        )
+        .await?;
+    }
+    runs.push(big);
+    Ok(runs)
+}
+
+/// An artifact and a model of 20 versions each, and a run with metadata.
+async fn prepare_registry(c: &Arc<Client>, w: &World, p: &mut Prep) -> Result<()> {
+    p.artifact = create(
+        c,
+        &w.project,
+        "dataset",
+        &w.users[0],
+        S::Artifact(Default::default()),
+    )
+    .await?;
+    p.model = create(
+        c,
+        &w.project,
+        "model",
+        &w.users[0],
+        S::Model(Default::default()),
+    )
+    .await?;
+    for _ in 0..20 {
+        p.versions.push(
+            create(
+                c,
+                &p.model,
+                "",
+                &w.users[0],
+                S::ModelVersion(Default::default()),
+            )
+            .await?,
+        );
+        create(
+            c,
+            &p.artifact,
+            "",
+            &w.users[0],
+            S::ArtifactVersion(pb::ArtifactVersionSpec {
+                uri: "s3://b/k".into(),
+                ..Default::default()
+            }),
+        )
+        .await?;
+    }
+    let run = create(
+        c,
+        &w.project,
+        "scored",
+        &w.users[0],
+        run_spec(&w.pipelines[0], 0),
+    )
+    .await?;
+    create(
+        c,
+        &run,
+        "accuracy",
+        &w.users[0],
+        S::RunMetadata(pb::RunMetadataSpec {
+            value: Some(pb::MetadataValue {
+                value: Some(pb::metadata_value::Value::Str("high".into())),
+            }),
+        }),
+    )
+    .await?;
+    Ok(())
 }
 
 fn list_req(kind: pb::ResourceKind, parent: &str, size: u32) -> pb::ListResourcesRequest {
@@ -521,6 +529,7 @@ fn list_req(kind: pb::ResourceKind, parent: &str, size: u32) -> pb::ListResource
     }
 }
 
+/// One operation (or a group of them) of a timed workload.
 async fn step(
     workload: Workload,
     c: &Arc<Client>,
@@ -531,40 +540,7 @@ async fn step(
     n: u64,
 ) {
     match workload {
-        Workload::Dashboard => {
-            let x: f64 = rng.gen();
-            if x < 0.025 {
-                // A deep page: follow tokens 50 pages down.
-                let mut req = list_req(pb::ResourceKind::PipelineRun, &w.project, 20);
-                for _ in 0..50 {
-                    let Some(page) = rec.time("list_runs_deep", c.meta_list(req.clone())).await
-                    else {
-                        return;
-                    };
-                    if page.next_page_token.is_empty() {
-                        break;
-                    }
-                    req.page_token = page.next_page_token;
-                }
-            } else if x < 0.05 {
-                let run = p.runs.last().cloned().unwrap_or_default();
-                let mut req = list_req(pb::ResourceKind::StepRun, &run, 1000);
-                req.order = pb::ListOrder::ByName as i32;
-                rec.time("load_run_1000_steps", c.meta_list(req)).await;
-            } else {
-                let mut req = list_req(pb::ResourceKind::PipelineRun, &w.project, 20);
-                if rng.gen_bool(0.5) {
-                    req.status = [
-                        pb::RunStatus::Failed,
-                        pb::RunStatus::Running,
-                        pb::RunStatus::Completed,
-                    ][rng.gen_range(0..3)] as i32;
-                    rec.time("list_runs_by_status", c.meta_list(req)).await;
-                } else {
-                    rec.time("list_runs", c.meta_list(req)).await;
-                }
-            }
-        }
+        Workload::Dashboard => dashboard_step(c, w, p, rng, rec).await,
         Workload::Steady => {
             let mut r = Rec::default();
             let _ = one_run(
@@ -579,93 +555,153 @@ async fn step(
             .await;
             rec.merge(r);
         }
-        Workload::Registry => {
-            let x: f64 = rng.gen();
-            if x < 0.3 {
-                rec.time(
-                    "latest_artifact_version",
-                    c.meta_list(list_req(pb::ResourceKind::ArtifactVersion, &p.artifact, 1)),
-                )
-                .await;
-            } else if x < 0.6 {
-                let mut req = list_req(pb::ResourceKind::ModelVersion, &p.model, 10);
-                req.stage = Some(pb::ModelStage::Production as i32);
-                rec.time("model_versions_by_stage", c.meta_list(req)).await;
-            } else if x < 0.9 {
-                let mut req = list_req(pb::ResourceKind::PipelineRun, &w.project, 20);
-                req.metadata_key = "accuracy".into();
-                req.metadata_value = Some(pb::MetadataValue {
-                    value: Some(pb::metadata_value::Value::Str("high".into())),
-                });
-                rec.time("runs_by_metadata", c.meta_list(req)).await;
-            } else if x < 0.95 {
-                rec.time(
-                    "create_artifact_version",
-                    c.meta_create(create_req(
-                        &p.artifact,
-                        "",
-                        &w.users[0],
-                        S::ArtifactVersion(pb::ArtifactVersionSpec {
-                            uri: "s3://b/k".into(),
-                            ..Default::default()
-                        }),
-                    )),
-                )
-                .await;
-            } else {
-                let v = &p.versions[rng.gen_range(0..p.versions.len())];
-                rec.time(
-                    "promote_model_version",
-                    c.promote_model_version(pb::PromoteRequest {
-                        model_version_id: v.clone(),
-                        stage: pb::ModelStage::Production as i32,
-                        archive_existing: true,
-                        request_id: String::new(),
-                    }),
-                )
-                .await;
-            }
-        }
-        Workload::Admin => {
-            let x: f64 = rng.gen();
-            let user = &w.users[rng.gen_range(0..w.users.len())];
-            if x < 0.97 {
-                let ids: Vec<String> = (0..20)
-                    .map(|_| p.runs[rng.gen_range(0..p.runs.len())].clone())
-                    .collect();
-                rec.time(
-                    "check_permissions_x20",
-                    c.check_permissions(pb::CheckPermissionsRequest {
-                        subject_id: user.clone(),
-                        action: "read".into(),
-                        resource_type: String::new(),
-                        resource_ids: ids,
-                        read: None,
-                    }),
-                )
-                .await;
-            } else if x < 0.99 {
-                rec.time(
-                    "create_team",
-                    c.meta_create(create_req(
-                        &w.org,
-                        &format!("team-{n}-{:x}", rng.gen::<u32>()),
-                        "",
-                        S::Team(pb::TeamSpec {
-                            member_ids: vec![user.clone()],
-                        }),
-                    )),
-                )
-                .await;
-            } else {
-                rec.time(
-                    "list_bindings",
-                    c.meta_list(list_req(pb::ResourceKind::RoleBinding, &w.org, 100)),
-                )
-                .await;
-            }
-        }
+        Workload::Registry => registry_step(c, w, p, rng, rec).await,
+        Workload::Admin => admin_step(c, w, p, rng, rec, n).await,
         Workload::Kv | Workload::CiBurst => {}
+    }
+}
+
+/// Run listings, 5% of them a deep page or a run's 1,000 steps.
+async fn dashboard_step(
+    c: &Arc<Client>,
+    w: &World,
+    p: &Prep,
+    rng: &mut rand::rngs::StdRng,
+    rec: &mut Rec,
+) {
+    let x: f64 = rng.gen();
+    if x < 0.025 {
+        // A deep page: follow tokens 50 pages down.
+        let mut req = list_req(pb::ResourceKind::PipelineRun, &w.project, 20);
+        for _ in 0..50 {
+            let Some(page) = rec.time("list_runs_deep", c.meta_list(req.clone())).await else {
+                return;
+            };
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            req.page_token = page.next_page_token;
+        }
+    } else if x < 0.05 {
+        let run = p.runs.last().cloned().unwrap_or_default();
+        let mut req = list_req(pb::ResourceKind::StepRun, &run, 1000);
+        req.order = pb::ListOrder::ByName as i32;
+        rec.time("load_run_1000_steps", c.meta_list(req)).await;
+    } else {
+        let mut req = list_req(pb::ResourceKind::PipelineRun, &w.project, 20);
+        if rng.gen_bool(0.5) {
+            req.status = [
+                pb::RunStatus::Failed,
+                pb::RunStatus::Running,
+                pb::RunStatus::Completed,
+            ][rng.gen_range(0..3)] as i32;
+            rec.time("list_runs_by_status", c.meta_list(req)).await;
+        } else {
+            rec.time("list_runs", c.meta_list(req)).await;
+        }
+    }
+}
+
+/// 90% reads (latest version, versions by stage, runs by metadata), 10% writes.
+async fn registry_step(
+    c: &Arc<Client>,
+    w: &World,
+    p: &Prep,
+    rng: &mut rand::rngs::StdRng,
+    rec: &mut Rec,
+) {
+    let x: f64 = rng.gen();
+    if x < 0.3 {
+        rec.time(
+            "latest_artifact_version",
+            c.meta_list(list_req(pb::ResourceKind::ArtifactVersion, &p.artifact, 1)),
+        )
+        .await;
+    } else if x < 0.6 {
+        let mut req = list_req(pb::ResourceKind::ModelVersion, &p.model, 10);
+        req.stage = Some(pb::ModelStage::Production as i32);
+        rec.time("model_versions_by_stage", c.meta_list(req)).await;
+    } else if x < 0.9 {
+        let mut req = list_req(pb::ResourceKind::PipelineRun, &w.project, 20);
+        req.metadata_key = "accuracy".into();
+        req.metadata_value = Some(pb::MetadataValue {
+            value: Some(pb::metadata_value::Value::Str("high".into())),
+        });
+        rec.time("runs_by_metadata", c.meta_list(req)).await;
+    } else if x < 0.95 {
+        rec.time(
+            "create_artifact_version",
+            c.meta_create(create_req(
+                &p.artifact,
+                "",
+                &w.users[0],
+                S::ArtifactVersion(pb::ArtifactVersionSpec {
+                    uri: "s3://b/k".into(),
+                    ..Default::default()
+                }),
+            )),
+        )
+        .await;
+    } else {
+        let v = &p.versions[rng.gen_range(0..p.versions.len())];
+        rec.time(
+            "promote_model_version",
+            c.promote_model_version(pb::PromoteRequest {
+                model_version_id: v.clone(),
+                stage: pb::ModelStage::Production as i32,
+                archive_existing: true,
+                request_id: String::new(),
+            }),
+        )
+        .await;
+    }
+}
+
+/// Permission checks in batches of 20, some team creations and binding listings.
+async fn admin_step(
+    c: &Arc<Client>,
+    w: &World,
+    p: &Prep,
+    rng: &mut rand::rngs::StdRng,
+    rec: &mut Rec,
+    n: u64,
+) {
+    let x: f64 = rng.gen();
+    let user = &w.users[rng.gen_range(0..w.users.len())];
+    if x < 0.97 {
+        let ids: Vec<String> = (0..20)
+            .map(|_| p.runs[rng.gen_range(0..p.runs.len())].clone())
+            .collect();
+        rec.time(
+            "check_permissions_x20",
+            c.check_permissions(pb::CheckPermissionsRequest {
+                subject_id: user.clone(),
+                action: "read".into(),
+                resource_type: String::new(),
+                resource_ids: ids,
+                read: None,
+            }),
+        )
+        .await;
+    } else if x < 0.99 {
+        rec.time(
+            "create_team",
+            c.meta_create(create_req(
+                &w.org,
+                &format!("team-{n}-{:x}", rng.gen::<u32>()),
+                "",
+                S::Team(pb::TeamSpec {
+                    member_ids: vec![user.clone()],
+                }),
+            )),
+        )
+        .await;
+    } else {
+        rec.time(
+            "list_bindings",
+            c.meta_list(list_req(pb::ResourceKind::RoleBinding, &w.org, 100)),
+        )
+        .await;
     }
 }
 
