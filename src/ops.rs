@@ -30,20 +30,20 @@ pub fn readiness(node: &Consensus) -> Result<String, String> {
     let Some(leader) = s.leader else {
         return Err("no known leader".into());
     };
-    if !s.members.contains_key(&node.id) {
+    if !s.members.contains_key(&node.id()) {
         return Err("not a member of the cluster".into());
     }
-    let max = ready_max_silence_ms(&node.config);
+    let max = ready_max_silence_ms(node.config());
     let now = crate::metrics::now_unix_ms();
-    if leader == node.id {
+    if leader == node.id() {
         // None: a lone voter, which is its own majority.
-        if let Some(age) = node.metrics.quorum_ack_age_ms(now).filter(|&a| a > max) {
+        if let Some(age) = node.metrics().quorum_ack_age_ms(now).filter(|&a| a > max) {
             return Err(format!(
                 "leader without a quorum: no majority has acknowledged it for {age} ms"
             ));
         }
     } else {
-        match node.metrics.leader_contact_age_ms(now) {
+        match node.metrics().leader_contact_age_ms(now) {
             None => {
                 return Err(format!(
                     "leader {leader} has not replicated to this node yet"
@@ -101,7 +101,11 @@ pub async fn serve(
                         Ok(m) => ("200 OK", "text/plain", m + "\n"),
                         Err(m) => ("503 Service Unavailable", "text/plain", m + "\n"),
                     },
-                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", node.metrics.render()),
+                    "/metrics" => (
+                        "200 OK",
+                        "text/plain; version=0.0.4",
+                        node.metrics().render(),
+                    ),
                     _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
                 }
             };

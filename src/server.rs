@@ -218,37 +218,29 @@ impl Server {
         let raft = Raft::new(config.node_id, rcfg, factory, log.clone(), sm.clone())
             .await
             .map_err(|e| ServerError::Raft(e.to_string()))?;
-        let node = Arc::new(Consensus {
-            id: config.node_id,
-            raft: raft.clone(),
-            sm,
-            pool,
-            metrics: metrics.clone(),
-            config: config.clone(),
-            dr_replica: config.dr_replica && !config.data_dir.join(PROMOTED_MARKER).exists(),
-            promote_requested: tokio::sync::watch::channel(false).0,
-            proposer: Arc::new(crate::consensus::batch::Proposer::new(
-                raft.clone(),
-                metrics.clone(),
-                std::time::Duration::from_millis(config.limits.write_timeout_ms),
-            )),
-            leader_reads: Default::default(),
-            reads: Default::default(),
-            lease_reads: Default::default(),
-            forwarder: Arc::new(crate::consensus::batch::ForwardBatcher::new(
-                metrics.clone(),
-            )),
-        });
+        let dr_replica = config.dr_replica && !config.data_dir.join(PROMOTED_MARKER).exists();
+        let node = Arc::new(Consensus::new(
+            config.clone(),
+            raft.clone(),
+            sm.clone(),
+            pool.clone(),
+            metrics.clone(),
+            dr_replica,
+        ));
 
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         node.spawn_watchers(shutdown_rx.clone());
         let mut tasks = Vec::new();
 
         let peer_svc = tonic::service::interceptor::InterceptedService::new(
-            crate::pb::peer::peer_server::PeerServer::new(PeerService { node: node.clone() })
-                .max_decoding_message_size(MAX_PEER_MESSAGE)
-                .max_encoding_message_size(MAX_PEER_MESSAGE),
-            crate::net::CheckLineage(node.sm.lineage()),
+            crate::pb::peer::peer_server::PeerServer::new(PeerService {
+                node: node.clone(),
+                raft: raft.clone(),
+                sm: sm.clone(),
+            })
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE),
+            crate::net::CheckLineage(sm.lineage()),
         );
         let router = crate::net::peer_server().add_service(peer_svc);
         tasks.push(tokio::spawn(serve_port(
@@ -261,16 +253,32 @@ impl Server {
         )));
 
         let max_req = config.limits.max_request_bytes;
-        let kv = crate::pb::kv_server::KvServer::new(Api { node: node.clone() })
-            .max_decoding_message_size(max_req);
-        let cluster = crate::pb::cluster_server::ClusterServer::new(Api { node: node.clone() });
-        let metadata = crate::pb::metadata_server::MetadataServer::new(Api { node: node.clone() })
-            .max_decoding_message_size(max_req);
-        let identity = crate::pb::identity_server::IdentityServer::new(Api { node: node.clone() });
-        let rbac = crate::pb::rbac_server::RbacServer::new(Api { node: node.clone() })
-            .max_decoding_message_size(max_req);
+        let kv = crate::pb::kv_server::KvServer::new(Api {
+            node: node.clone(),
+            peers: pool.clone(),
+        })
+        .max_decoding_message_size(max_req);
+        let cluster = crate::pb::cluster_server::ClusterServer::new(Api {
+            node: node.clone(),
+            peers: pool.clone(),
+        });
+        let metadata = crate::pb::metadata_server::MetadataServer::new(Api {
+            node: node.clone(),
+            peers: pool.clone(),
+        })
+        .max_decoding_message_size(max_req);
+        let identity = crate::pb::identity_server::IdentityServer::new(Api {
+            node: node.clone(),
+            peers: pool.clone(),
+        });
+        let rbac = crate::pb::rbac_server::RbacServer::new(Api {
+            node: node.clone(),
+            peers: pool.clone(),
+        })
+        .max_decoding_message_size(max_req);
         let backup = crate::pb::backup_server::BackupServer::new(crate::api::backup::BackupApi {
             node: node.clone(),
+            sm: sm.clone(),
             log,
         });
         let router = tonic::transport::Server::builder()
@@ -338,7 +346,7 @@ impl Server {
 
     /// Fires when a DR promotion was requested over the API.
     pub fn promote_requested(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.node.promote_requested.subscribe()
+        self.node.promotion_requests()
     }
 
     /// Stops accepting, stops Raft, and lets open RPCs finish for up to [`SHUTDOWN_GRACE`].
@@ -347,7 +355,7 @@ impl Server {
     /// neither ends by itself.
     pub async fn shutdown(self) {
         let _ = self.shutdown_tx.send(true);
-        if let Err(e) = self.node.raft.shutdown().await {
+        if let Err(e) = self.node.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
         let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
@@ -366,7 +374,7 @@ impl Server {
                 "closed listeners with RPCs still open after the grace period"
             );
         }
-        tracing::info!(node = self.node.id, "node stopped");
+        tracing::info!(node = self.node.id(), "node stopped");
     }
 }
 

@@ -13,7 +13,7 @@ use super::status::ApiError;
 use crate::codec::encode;
 use crate::consensus::Consensus;
 use crate::pb;
-use crate::storage::LogStore;
+use crate::storage::{LogStore, StateMachineStore};
 
 /// Bytes per streamed file chunk.
 pub const CHUNK_SIZE: usize = 1 << 20;
@@ -22,6 +22,8 @@ const TAIL_BATCH: u64 = 256;
 
 pub struct BackupApi {
     pub node: Arc<Consensus>,
+    /// The stores a backup copies: this node's state machine and log.
+    pub sm: StateMachineStore,
     pub log: LogStore,
 }
 
@@ -38,12 +40,12 @@ impl pb::backup_server::Backup for BackupApi {
         req: Request<pb::BackupSnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let rate = req.into_inner().max_bytes_per_sec;
-        let sm = self.node.sm.clone();
+        let sm = self.sm.clone();
         let (meta, dir, hash) = tokio::task::spawn_blocking(move || sm.backup_checkpoint())
             .await
             .map_err(internal)?
             .map_err(ApiError::from)?;
-        let sm = self.node.sm.clone();
+        let sm = self.sm.clone();
         let cluster_id = sm.cluster_id().map_err(ApiError::from)?;
         let listed = {
             let d = dir.clone();
@@ -63,7 +65,7 @@ impl pb::backup_server::Backup for BackupApi {
             applied_index: last.map(|l| l.index).unwrap_or(0),
             applied_term: last.map(|l| l.leader_id.term).unwrap_or(0),
             membership_json: serde_json::to_string(&meta.last_membership).unwrap_or_default(),
-            node_id: self.node.id,
+            node_id: self.node.id(),
             state_hash: hash,
             total_bytes: files.iter().map(|(f, _)| f.size).sum(),
             files: files
@@ -156,7 +158,7 @@ impl pb::backup_server::Backup for BackupApi {
             return Err(ApiError::Invalid("from_index must be at least 1".into()).into());
         }
         let log = self.log.clone();
-        let mut applied_rx = self.node.sm.subscribe_applied();
+        let mut applied_rx = self.sm.subscribe_applied();
         let (tx, rx) = mpsc::channel(TAIL_BATCH as usize);
         tokio::spawn(async move {
             let mut next = from;

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use crate::consensus::{AdminRequest, Consensus, MembershipView};
+use crate::consensus::{AdminRequest, Consensus, Consistency, DrStatus, MembershipView, Reader};
 use crate::fsm::{self, Command};
 use crate::pb;
 use crate::pb::cluster_server::Cluster;
@@ -37,13 +37,15 @@ use status::{code_name, ApiError};
 
 pub struct Api {
     pub node: Arc<Consensus>,
+    /// The other members, for the status calls `cluster status` fans out.
+    pub peers: Arc<crate::net::PeerPool>,
 }
 
 type ApiResult<T> = Result<T, ApiError>;
 
 impl Api {
     fn limits(&self) -> &crate::config::Limits {
-        &self.node.config.limits
+        &self.node.config().limits
     }
 
     fn check_key(&self, key: &[u8]) -> ApiResult<()> {
@@ -81,19 +83,22 @@ impl Api {
         Ok(())
     }
 
-    /// Makes the local state fresh enough for `opts`; returns the applied index it will read at.
-    async fn read_barrier(&self, opts: Option<pb::ReadOptions>) -> ApiResult<u64> {
+    /// Makes the local state fresh enough for `opts`; returns the reader to read it through.
+    async fn read(&self, opts: Option<pb::ReadOptions>) -> ApiResult<Reader> {
         let o = opts.unwrap_or_default();
         let c = pb::Consistency::try_from(o.consistency)
             .map_err(|_| ApiError::Invalid(format!("unknown consistency {}", o.consistency)))?;
-        match c {
+        let c = match c {
             pb::Consistency::Unspecified | pb::Consistency::Linearizable => {
-                Ok(self.node.linearizable_barrier().await?)
+                Consistency::Linearizable
             }
-            pb::Consistency::Session => Ok(self.node.wait_applied(o.min_revision).await?),
-            pb::Consistency::Stale => Ok(self.node.check_stale(o.max_lag)?),
-            pb::Consistency::Lease => Ok(self.node.lease_barrier().await?),
-        }
+            pb::Consistency::Session => Consistency::Session {
+                min_revision: o.min_revision,
+            },
+            pb::Consistency::Stale => Consistency::Stale { max_lag: o.max_lag },
+            pb::Consistency::Lease => Consistency::Lease,
+        };
+        Ok(self.node.read(c).await?)
     }
 
     async fn write(&self, request_id: String, cmd: Command) -> ApiResult<fsm::Response> {
@@ -114,7 +119,7 @@ impl Api {
             Ok(_) => "ok",
             Err(s) => code_name(s.code()),
         };
-        self.node.metrics.observe_rpc(rpc, code, t.elapsed());
+        self.node.metrics().observe_rpc(rpc, code, t.elapsed());
     }
 
     async fn put_inner(&self, r: pb::PutRequest) -> ApiResult<pb::PutResponse> {
@@ -159,12 +164,10 @@ impl Api {
 
     async fn get_inner(&self, r: pb::GetRequest) -> ApiResult<pb::GetResponse> {
         self.check_key(&r.key)?;
-        let barrier = self.read_barrier(r.read).await?;
-        let (value, applied) = self.node.sm.get(&r.key)?;
+        let (value, applied) = self.read(r.read).await?.get(&r.key)?;
         Ok(pb::GetResponse {
             kv: value.map(to_kv),
-            // The index the value was read at (never below the barrier: applied only grows).
-            applied_index: applied.max(barrier),
+            applied_index: applied,
         })
     }
 
@@ -184,11 +187,10 @@ impl Api {
             ));
         }
         let limit = if r.limit == 0 { max } else { r.limit } as usize;
-        let barrier = self.read_barrier(r.read).await?;
-        let sm = self.node.sm.clone();
+        let reader = self.read(r.read).await?;
         let (prefix, after) = (r.prefix, r.start_after);
         let (vals, more, applied) =
-            tokio::task::spawn_blocking(move || sm.range(&prefix, &after, limit))
+            tokio::task::spawn_blocking(move || reader.range(&prefix, &after, limit))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))??;
         let kvs = vals
@@ -204,7 +206,7 @@ impl Api {
         Ok(pb::RangeResponse {
             kvs,
             more,
-            applied_index: applied.max(barrier),
+            applied_index: applied,
         })
     }
 
@@ -335,7 +337,7 @@ impl Api {
         let mut members = Vec::new();
         let mut calls = Vec::new();
         for (id, (node, voter)) in &local.members {
-            let pool = self.node.pool.clone();
+            let pool = self.peers.clone();
             let addr = node.peer_addr.clone();
             let (id, voter, node) = (*id, *voter, node.clone());
             let with_hash = r.with_hash;
@@ -496,7 +498,7 @@ impl Cluster for Api {
         _req: Request<pb::DrStatusRequest>,
     ) -> Result<Response<pb::DrStatusResponse>, Status> {
         rpc!(self, "DrStatus", async {
-            Ok::<_, ApiError>(self.node.dr_status())
+            Ok::<_, ApiError>(dr_status_to_pb(self.node.dr_status()))
         })
     }
 
@@ -506,31 +508,49 @@ impl Cluster for Api {
     ) -> Result<Response<pb::DrPromoteResponse>, Status> {
         let id = req.into_inner().node_id;
         rpc!(self, "DrPromote", async {
-            if !self.node.dr_replica {
+            if !self.node.is_dr_replica() {
                 return Err(ApiError::NotDr(format!(
                     "node {} is not a DR replica (serve --dr-replica); refusing to promote it",
-                    self.node.id
+                    self.node.id()
                 )));
             }
-            if id != self.node.id {
+            if id != self.node.id() {
                 return Err(ApiError::Invalid(format!(
                     "node_id {id} given, but this endpoint is node {}",
-                    self.node.id
+                    self.node.id()
                 )));
             }
-            let previous = self.node.sm.cluster_id()?;
-            let state_index = self.node.sm.applied_index();
-            tracing::warn!(node = self.node.id, state_index, "DR promotion requested");
-            let tx = self.node.promote_requested.clone();
+            let previous = self.node.cluster_id()?;
+            let state_index = self.node.applied_index();
+            tracing::warn!(node = self.node.id(), state_index, "DR promotion requested");
+            let node = self.node.clone();
             tokio::spawn(async move {
                 // Let the answer reach the caller before the node restarts.
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                let _ = tx.send(true);
+                node.request_promotion();
             });
             Ok(pb::DrPromoteResponse {
                 previous_cluster_id: previous,
                 state_index,
             })
         })
+    }
+}
+
+fn dr_status_to_pb(s: DrStatus) -> pb::DrStatusResponse {
+    pb::DrStatusResponse {
+        node_id: s.node_id,
+        dr_replica: s.dr_replica,
+        cluster_id: s.cluster_id,
+        leader: s.leader,
+        term: s.term,
+        known_commit_index: s.known_commit_index,
+        applied_index: s.applied_index,
+        lag_entries: s.lag_entries,
+        lag_bytes: s.lag_bytes,
+        lag_ms: s.lag_ms,
+        last_contact_ms_ago: s.last_contact_ms_ago,
+        snapshots_received: s.snapshots_received,
+        role: s.role.to_string(),
     }
 }

@@ -22,9 +22,9 @@ use tokio::sync::oneshot;
 
 use super::Raft;
 use super::{ConsensusError, Forwarded};
+use super::{PeerError, Peers};
 use crate::fsm::{Request, Response};
 use crate::metrics::Metrics;
-use crate::net::{NetError, PeerPool};
 
 type Waiter = oneshot::Sender<Result<u64, ConsensusError>>;
 
@@ -88,7 +88,7 @@ pub const MAX_FORWARD_BATCH: usize = 512;
 /// while the next one fills.
 const MAX_FORWARD_SENDERS: usize = 8;
 
-type ForwardResult = Result<Forwarded<Response>, NetError>;
+type ForwardResult = Result<Forwarded<Response>, PeerError>;
 type ForwardWaiter = oneshot::Sender<ForwardResult>;
 
 pub struct ForwardBatcher {
@@ -121,7 +121,7 @@ impl ForwardBatcher {
     /// never strands the others.
     pub async fn forward(
         self: &Arc<Self>,
-        pool: &Arc<PeerPool>,
+        peers: &Arc<dyn Peers>,
         addr: &str,
         req: Request,
         timeout: Duration,
@@ -137,15 +137,15 @@ impl ForwardBatcher {
             start
         };
         if start_sender {
-            let (me, pool) = (self.clone(), pool.clone());
-            tokio::spawn(async move { me.send_until_empty(pool, timeout).await });
+            let (me, peers) = (self.clone(), peers.clone());
+            tokio::spawn(async move { me.send_until_empty(peers, timeout).await });
         }
         match tokio::time::timeout(timeout, rx).await {
-            Err(_) => Err(NetError::Unreachable {
+            Err(_) => Err(PeerError::Unreachable {
                 addr: addr.into(),
                 reason: format!("no answer within {timeout:?}"),
             }),
-            Ok(Err(_)) => Err(NetError::Unreachable {
+            Ok(Err(_)) => Err(PeerError::Unreachable {
                 addr: addr.into(),
                 reason: "the forwarding task stopped".into(),
             }),
@@ -153,7 +153,7 @@ impl ForwardBatcher {
         }
     }
 
-    async fn send_until_empty(&self, pool: Arc<PeerPool>, timeout: Duration) {
+    async fn send_until_empty(&self, peers: Arc<dyn Peers>, timeout: Duration) {
         loop {
             let taken: Vec<_> = {
                 let mut st = self.lock();
@@ -171,20 +171,20 @@ impl ForwardBatcher {
             }
             for (addr, items) in by_addr {
                 self.metrics.observe_forward_batch(items.len());
-                send_batch(&pool, &addr, items, timeout).await;
+                send_batch(peers.as_ref(), &addr, items, timeout).await;
             }
         }
     }
 }
 
 async fn send_batch(
-    pool: &PeerPool,
+    peers: &dyn Peers,
     addr: &str,
     items: Vec<(Request, ForwardWaiter)>,
     timeout: Duration,
 ) {
     let (reqs, waiters): (Vec<Request>, Vec<ForwardWaiter>) = items.into_iter().unzip();
-    let results = pool.forward_batch(addr, timeout, &reqs).await;
+    let results = peers.forward_batch(addr, timeout, reqs).await;
     for (w, r) in waiters.into_iter().zip(results) {
         let _ = w.send(r);
     }

@@ -10,6 +10,7 @@
 pub mod coalesce;
 pub mod dial;
 pub mod lost;
+mod peers;
 pub mod service;
 pub mod snapshot;
 pub mod tls;

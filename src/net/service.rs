@@ -6,15 +6,20 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec::{decode, encode};
+use crate::consensus::Raft;
 use crate::consensus::{AdminRequest, Consensus, ConsensusError, Forwarded};
 use crate::pb::peer::peer_server::Peer;
 use crate::pb::peer::{
     Blob, NodeStatusRequest, NodeStatusResponse, ReadIndexRequest, ReadIndexResponse, SnapshotChunk,
 };
-use crate::storage::SnapshotDir;
+use crate::storage::{SnapshotDir, StateMachineStore};
 
 pub struct PeerService {
     pub node: Arc<Consensus>,
+    /// The Raft core the Raft RPCs go into.
+    pub raft: Raft,
+    /// Where received snapshots are put.
+    pub sm: StateMachineStore,
 }
 
 fn bad(what: &str, e: impl std::fmt::Display) -> Status {
@@ -37,7 +42,6 @@ impl Peer for PeerService {
             decode(&data).map_err(|e| bad("append entries", e))?;
         self.node.note_replication(rpc.entries.len(), data.len());
         let r = self
-            .node
             .raft
             .append_entries(rpc)
             .await
@@ -72,7 +76,7 @@ impl Peer for PeerService {
             });
             futures::future::ready(r)
         });
-        let out = self.node.raft.stream_append(Box::pin(input)).map(|r| {
+        let out = self.raft.stream_append(Box::pin(input)).map(|r| {
             let r = r.map_err(|fatal| fatal.to_string());
             encode(&r)
                 .map(|data| Blob { data })
@@ -83,25 +87,19 @@ impl Peer for PeerService {
 
     async fn vote(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
         let rpc = decode(&req.into_inner().data).map_err(|e| bad("vote", e))?;
-        let r = self.node.raft.vote(rpc).await.map_err(|e| e.to_string());
+        let r = self.raft.vote(rpc).await.map_err(|e| e.to_string());
         blob(&r)
     }
 
     async fn pre_vote(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
         let rpc = decode(&req.into_inner().data).map_err(|e| bad("pre-vote", e))?;
-        let r = self
-            .node
-            .raft
-            .pre_vote(rpc)
-            .await
-            .map_err(|e| e.to_string());
+        let r = self.raft.pre_vote(rpc).await.map_err(|e| e.to_string());
         blob(&r)
     }
 
     async fn transfer_leader(&self, req: Request<Blob>) -> Result<Response<Blob>, Status> {
         let rpc = decode(&req.into_inner().data).map_err(|e| bad("transfer leader", e))?;
         let r = self
-            .node
             .raft
             .handle_transfer_leader(rpc)
             .await
@@ -113,7 +111,7 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<Blob>, Status> {
-        let sm = self.node.sm.clone();
+        let sm = self.sm.clone();
         let tmp = sm.new_incoming_dir();
         let (vote, meta, dir) =
             super::snapshot::receive(req.into_inner(), tmp, |idx| sm.received_dir(idx))
@@ -124,7 +122,7 @@ impl Peer for PeerService {
                 })?;
         tracing::info!(index = ?meta.last_log_id.map(|l| l.index), "snapshot received");
         self.node
-            .metrics
+            .metrics()
             .snapshots_received
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let snap = openraft::Snapshot {
@@ -132,7 +130,6 @@ impl Peer for PeerService {
             snapshot: SnapshotDir { path: dir },
         };
         let r = self
-            .node
             .raft
             .install_full_snapshot(vote, snap)
             .await
@@ -199,13 +196,13 @@ impl Peer for PeerService {
             applied_index: s.applied_index,
             state_hash: None,
             hash_index: None,
-            client_addr: self.node.config.client_addr.clone(),
-            dr_replica: self.node.dr_replica,
-            cluster_id: self.node.sm.cluster_id().unwrap_or_default(),
+            client_addr: self.node.config().client_addr.clone(),
+            dr_replica: self.node.is_dr_replica(),
+            cluster_id: self.node.cluster_id().unwrap_or_default(),
             replicated: s.replication.clone().into_iter().collect(),
         };
         if with_hash {
-            let sm = self.node.sm.clone();
+            let sm = self.sm.clone();
             let (idx, h) = tokio::task::spawn_blocking(move || sm.state_hash())
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?

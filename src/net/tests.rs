@@ -44,7 +44,7 @@ fn put(n: u64) -> Write {
     )
 }
 
-fn revision(r: &Result<Forwarded<WriteResult>, NetError>) -> Option<u64> {
+fn revision<E>(r: &Result<Forwarded<WriteResult>, E>) -> Option<u64> {
     match r {
         Ok(Forwarded::Ok(WriteResult::Put { revision, .. })) => Some(*revision),
         _ => None,
@@ -210,7 +210,7 @@ async fn forward_batcher_coalesces_concurrent_writes_and_answers_each_its_own() 
         ..Default::default()
     });
     let addr = serve(leader.clone()).await;
-    let pool = Arc::new(PeerPool::default());
+    let pool: Arc<dyn crate::consensus::Peers> = Arc::new(PeerPool::default());
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let b = Arc::new(crate::consensus::batch::ForwardBatcher::new(
         metrics.clone(),

@@ -18,7 +18,8 @@ use std::path::PathBuf;
 pub use lineage::{next_epoch_start, start_new_lineage, NewLineage, EPOCH_BITS};
 pub use log_store::LogStore;
 pub use sm_store::{
-    checkpoint_meta_and_hash, SnapshotDir, StateMachineStore, StoredValue, SNAPSHOT_META_FILE,
+    checkpoint_meta_and_hash, SnapshotDir, SnapshotView, StateMachineStore, StoredValue,
+    SNAPSHOT_META_FILE,
 };
 
 /// Storage-layer errors. They carry what failed and where.

@@ -98,17 +98,13 @@ impl Api {
             ),
             None => return Err(ApiError::Invalid("give an id or by_name".into())),
         };
-        let barrier = self.read_barrier(r.read).await?;
-        let (rec, applied) = self.node.sm.read_view(|v| {
-            let rec = match &key {
-                K::Id(id) => query::get(v, id),
-                K::Name(k, p, n, a) => query::get_by_name(v, *k, p, n, *a),
-            };
-            (rec, v.applied)
+        let (rec, applied) = self.read(r.read).await?.view(|v| match &key {
+            K::Id(id) => query::get(v, id),
+            K::Name(k, p, n, a) => query::get_by_name(v, *k, p, n, *a),
         })?;
         Ok(pb::ResourceResponse {
             resource: Some(record_to_pb(&rec?)),
-            revision: applied.max(barrier),
+            revision: applied,
         })
     }
 
@@ -184,10 +180,9 @@ impl Api {
             page_size: r.page_size as usize,
             page_token: r.page_token,
         };
-        let barrier = self.read_barrier(r.read).await?;
-        let sm = self.node.sm.clone();
+        let reader = self.read(r.read).await?;
         let (page, applied) =
-            tokio::task::spawn_blocking(move || sm.read_view(|v| (query::list(v, &q), v.applied)))
+            tokio::task::spawn_blocking(move || reader.view(|v| query::list(v, &q)))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))??;
         let page = page?;
@@ -196,20 +191,19 @@ impl Api {
             next_page_token: page.next_page_token,
             total: page.total,
             total_exact: page.total_exact,
-            applied_index: applied.max(barrier),
+            applied_index: applied,
         })
     }
 
     async fn cache_key_inner(&self, r: pb::CacheKeyRequest) -> ApiResult<pb::ResourceResponse> {
         let project = id_field("project_id", &r.project_id)?;
-        let barrier = self.read_barrier(r.read).await?;
         let (rec, applied) = self
-            .node
-            .sm
-            .read_view(|v| (query::by_cache_key(v, &project, &r.cache_key), v.applied))?;
+            .read(r.read)
+            .await?
+            .view(|v| query::by_cache_key(v, &project, &r.cache_key))?;
         Ok(pb::ResourceResponse {
             resource: Some(record_to_pb(&rec?)),
-            revision: applied.max(barrier),
+            revision: applied,
         })
     }
 
@@ -275,13 +269,10 @@ impl Api {
         if r.secret.is_empty() || r.secret.len() > 256 {
             return Err(ApiError::Invalid("secret must be 1..256 bytes".into()));
         }
-        self.read_barrier(r.read).await?;
+        let reader = self.read(r.read).await?;
         let h = sha256(&r.secret);
         let now = crate::metrics::now_unix_ms();
-        let user = self
-            .node
-            .sm
-            .read_view(|v| query::verify_api_key(v, &h, now))??;
+        let user = reader.view(|v| query::verify_api_key(v, &h, now))?.0?;
         Ok(pb::VerifyApiKeyResponse {
             valid: user.is_some(),
             service_account: user.as_ref().map(record_to_pb),
@@ -306,8 +297,7 @@ impl Api {
             .iter()
             .map(|s| id_field("resource_ids", s))
             .collect::<ApiResult<_>>()?;
-        let barrier = self.read_barrier(r.read).await?;
-        let (allowed, applied) = self.node.sm.with_rbac(|ix, v| {
+        let (allowed, applied) = self.read(r.read).await?.with_rbac(|ix, v| {
             let mut out = Vec::with_capacity(ids.len());
             for id in &ids {
                 out.push(
@@ -315,11 +305,12 @@ impl Api {
                         .map(|d| d.allowed())?,
                 );
             }
-            Ok::<_, fsm::FsmError>((out, v.applied))
-        })??;
+            Ok::<_, fsm::FsmError>(out)
+        })?;
+        let allowed = allowed?;
         Ok(pb::CheckPermissionsResponse {
             allowed,
-            applied_index: applied.max(barrier),
+            applied_index: applied,
         })
     }
 
@@ -332,10 +323,11 @@ impl Api {
         let rt = rt_field(&r.resource_type)?
             .ok_or_else(|| ApiError::Invalid("resource_type is required".into()))?;
         let scope = id_field("scope_id", &r.scope_id)?;
-        let barrier = self.read_barrier(r.read).await?;
+        let reader = self.read(r.read).await?;
+        let barrier = reader.barrier();
         // The index lock is held only for the decision and the granted scopes: apply waits on
         // it, so the scan of owned resources runs after, on its own snapshot.
-        let (at_scope, active, granted) = self.node.sm.with_rbac(|ix, v| {
+        let ((at_scope, active, granted), _) = reader.with_rbac(|ix, v| {
             (
                 ix.check_at(v, v.applied, &subject, action, Some(rt), &scope),
                 ix.user_active(&subject),
@@ -365,13 +357,9 @@ impl Api {
                 ..Default::default()
             });
         }
-        let sm = self.node.sm.clone();
         tokio::task::spawn_blocking(move || {
-            sm.read_view(|v| -> ApiResult<pb::ListAllowedResponse> {
-                let mut resp = pb::ListAllowedResponse {
-                    applied_index: v.applied.max(barrier),
-                    ..Default::default()
-                };
+            let (resp, applied) = reader.view(|v| -> ApiResult<pb::ListAllowedResponse> {
+                let mut resp = pb::ListAllowedResponse::default();
                 if query::get(v, &scope).is_err() {
                     return Err(ApiError::Meta(
                         MetaErrorKind::NotFound,
@@ -397,10 +385,14 @@ impl Api {
                 ids.dedup();
                 resp.ids = ids.iter().map(fmt_id).collect();
                 Ok(resp)
+            })?;
+            Ok(pb::ListAllowedResponse {
+                applied_index: applied,
+                ..resp?
             })
         })
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??
+        .map_err(|e| ApiError::Internal(e.to_string()))?
     }
 
     async fn explain_inner(&self, r: pb::ExplainRequest) -> ApiResult<pb::ExplainResponse> {
@@ -408,18 +400,15 @@ impl Api {
         let action = action_field(&r.action)?;
         let rt = rt_field(&r.resource_type)?;
         let target = id_field("resource_id", &r.resource_id)?;
-        let barrier = self.read_barrier(r.read).await?;
-        let (reason, applied) = self.node.sm.with_rbac(|ix, v| {
-            (
-                ix.check_at(v, v.applied, &subject, action, rt, &target),
-                v.applied,
-            )
-        })?;
+        let (reason, applied) = self
+            .read(r.read)
+            .await?
+            .with_rbac(|ix, v| ix.check_at(v, v.applied, &subject, action, rt, &target))?;
         let reason = reason?;
         let mut resp = pb::ExplainResponse {
             allowed: reason.allowed(),
             explanation: reason.describe(),
-            applied_index: applied.max(barrier),
+            applied_index: applied,
             ..Default::default()
         };
         match reason {
