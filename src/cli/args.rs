@@ -9,6 +9,7 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 
 use metaraft::client::Client;
+use metaraft::config::defaults;
 use metaraft::pb;
 
 /// Which nodes to talk to, how long to wait, and TLS.
@@ -19,11 +20,11 @@ pub struct Conn {
         long,
         global = true,
         value_delimiter = ',',
-        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+        default_value = defaults::CLIENT_ENDPOINTS
     )]
     pub endpoints: Vec<String>,
     /// Per-request timeout in milliseconds.
-    #[arg(long, global = true, default_value_t = 15000)]
+    #[arg(long, global = true, default_value_t = defaults::CLIENT_TIMEOUT_MS)]
     pub timeout_ms: u64,
     #[command(flatten)]
     pub tls: ClientTlsArgs,

@@ -8,13 +8,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use metaraft::backup::{self, base::BaseHeader, BaseWriter, SegmentRecord, SegmentWriter};
 use metaraft::client::Client;
+use metaraft::config::defaults;
 use metaraft::pb;
 
 use super::args::{Conn, Output};
 use super::runtime;
-
-/// Default pace of base transfers (MB/s).
-pub const DEFAULT_RATE_MB: u64 = 40;
 
 #[derive(Subcommand, Debug)]
 pub enum BackupCmd {
@@ -27,7 +25,7 @@ pub enum BackupCmd {
         out: PathBuf,
         /// Pace the transfer to this many MB/s (0: unlimited), leaving the node's CPU and disk
         /// to writes. See docs/backup-restore.md for the measured effect.
-        #[arg(long, default_value_t = DEFAULT_RATE_MB)]
+        #[arg(long, default_value_t = defaults::BACKUP_MAX_RATE_MB)]
         max_rate_mb: u64,
     },
     /// Continuous backup: a base, then every committed entry appended to segment files. Resumes
@@ -38,19 +36,19 @@ pub enum BackupCmd {
         #[arg(long)]
         out: PathBuf,
         /// Pace base transfers to this many MB/s (0: unlimited).
-        #[arg(long, default_value_t = DEFAULT_RATE_MB)]
+        #[arg(long, default_value_t = defaults::BACKUP_MAX_RATE_MB)]
         max_rate_mb: u64,
         /// Fsync segments at least this often (milliseconds).
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = defaults::BACKUP_FSYNC_INTERVAL_MS)]
         fsync_interval_ms: u64,
         /// Start a new segment file past this size (KiB).
-        #[arg(long, default_value_t = 65536)]
+        #[arg(long, default_value_t = defaults::BACKUP_SEGMENT_KB)]
         segment_kb: u64,
         /// Take a new base every this many entries (0: only when needed).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = defaults::BACKUP_BASE_EVERY)]
         base_every: u64,
         /// Keep this many newest bases (older bases and their segments are pruned; 0 keeps all).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = defaults::BACKUP_RETAIN_BASES)]
         retain_bases: usize,
         /// Stop once this index is written and synced (for scripts and tests).
         #[arg(long)]
@@ -90,11 +88,11 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub data_dir: PathBuf,
     /// The restored node's id and addresses in the new cluster.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = defaults::RESTORE_NODE_ID)]
     pub node_id: u64,
-    #[arg(long, default_value = "127.0.0.1:7101")]
+    #[arg(long, default_value = defaults::PEER_ADDR)]
     pub peer_addr: String,
-    #[arg(long, default_value = "127.0.0.1:7001")]
+    #[arg(long, default_value = defaults::CLIENT_ADDR)]
     pub client_addr: String,
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
@@ -486,7 +484,7 @@ pub fn restore(a: RestoreArgs) -> Result<ExitCode> {
         node_id: a.node_id,
         peer_addr: a.peer_addr,
         client_addr: a.client_addr,
-        dedup_window: metaraft::config::Config::default().raft.dedup_window,
+        dedup_window: defaults::DEDUP_WINDOW,
     };
     let r = runtime::multi_thread()?.block_on(backup::restore::restore(&opts))?;
     match a.output {

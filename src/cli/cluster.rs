@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 
+use metaraft::config::defaults;
 use metaraft::pb;
 
 use super::args::{Conn, Output};
@@ -51,7 +52,7 @@ pub enum DrCmd {
         #[arg(long)]
         node_id: u64,
         /// Seconds to wait for the promoted node to accept writes.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = defaults::DR_PROMOTE_WAIT_S)]
         wait_s: u64,
     },
 }

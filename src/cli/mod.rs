@@ -107,3 +107,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Rbac { conn, op } => meta::run_rbac(conn, op),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks of every subcommand and flag (names, defaults, requires).
+    #[test]
+    fn command_line_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use metaraft::config::Config;
+use metaraft::config::{defaults, Config};
 
 use super::runtime;
 
@@ -71,7 +71,7 @@ pub struct ServeArgs {
     /// (about one a second, with backoff) already name that peer.
     #[arg(
         long,
-        default_value = "info,openraft=warn,openraft::core::heartbeat=error"
+        default_value = defaults::LOG_FILTER
     )]
     pub log: String,
 }
@@ -79,12 +79,12 @@ pub struct ServeArgs {
 #[derive(Args, Debug)]
 pub struct DevArgs {
     /// Where the three nodes keep their data.
-    #[arg(long, default_value = "metaraft-dev")]
+    #[arg(long, default_value = defaults::DEV_DIR)]
     pub dir: PathBuf,
     /// First client port; nodes use base, base+1, base+2 (peer +100, ops +200).
-    #[arg(long, default_value_t = 7001)]
+    #[arg(long, default_value_t = defaults::DEV_BASE_PORT)]
     pub base_port: u16,
-    #[arg(long, default_value = "warn,metaraft=info")]
+    #[arg(long, default_value = defaults::DEV_LOG_FILTER)]
     pub log: String,
 }
 
@@ -261,4 +261,22 @@ pub fn dev(a: DevArgs) -> Result<ExitCode> {
         println!("stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use metaraft::config::{defaults, Config};
+
+    /// The client commands' default endpoints are the `dev` cluster's client addresses, and its
+    /// first node listens where a node's defaults say.
+    #[test]
+    fn dev_cluster_matches_the_defaults() {
+        let base = defaults::DEV_BASE_PORT;
+        let endpoints: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", base + i)).collect();
+        assert_eq!(endpoints.join(","), defaults::CLIENT_ENDPOINTS);
+        let c = Config::default();
+        assert_eq!(c.client_addr, format!("127.0.0.1:{base}"));
+        assert_eq!(c.peer_addr, format!("127.0.0.1:{}", base + 100));
+        assert_eq!(c.ops_addr, format!("127.0.0.1:{}", base + 200));
+    }
 }

@@ -17,6 +17,7 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 
 use metaraft::client::Client;
+use metaraft::config::defaults;
 use metaraft::pb;
 
 use super::args::{ClientTlsArgs, ConsistencyArg};
@@ -27,7 +28,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+        default_value = defaults::CLIENT_ENDPOINTS
     )]
     pub endpoints: Vec<String>,
     /// Requests in flight.
@@ -57,7 +58,7 @@ pub struct BenchArgs {
     pub target: Target,
     /// Async threads of the load generator; 0: chosen as a node's `runtime_threads` = 0 is
     /// (1 on at most 2 CPUs, else one per CPU). The same for both targets.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = defaults::RUNTIME_THREADS)]
     pub threads: usize,
     /// kv (Put/Get), or a metadata workload: ci-burst, dashboard, steady, registry, admin
     /// (see docs/benchmarks.md).

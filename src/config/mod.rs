@@ -1,10 +1,13 @@
 //! Node configuration: one TOML file (see `deploy/metaraft.toml`), every key optional with a
-//! documented default, command-line flags override it, `validate()` names the bad key.
+//! documented default (every default value is in [`defaults`], shared with the command line's
+//! flags), command-line flags override it, `validate()` names the bad key.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+pub mod defaults;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -25,16 +28,18 @@ pub enum ConfigError {
 pub struct Config {
     /// This node's id (>= 1, never reused). Required.
     pub node_id: u64,
-    /// Client gRPC listen address. Default 127.0.0.1:7001.
+    /// Client gRPC listen address. Default [`defaults::CLIENT_ADDR`].
     pub client_addr: String,
-    /// Peer (Raft) gRPC listen address; also how other members reach this node. Default 127.0.0.1:7101.
+    /// Peer (Raft) gRPC listen address; also how other members reach this node. Default
+    /// [`defaults::PEER_ADDR`].
     pub peer_addr: String,
     /// Where to listen for peer traffic when that differs from the address members use
     /// (`peer_addr`), e.g. behind a proxy or NAT. Default empty: listen on peer_addr.
     pub peer_listen_addr: String,
-    /// HTTP ops address (/healthz, /readyz, /metrics). Default 127.0.0.1:7201. Empty disables it.
+    /// HTTP ops address (/healthz, /readyz, /metrics). Default [`defaults::OPS_ADDR`]. Empty
+    /// disables it.
     pub ops_addr: String,
-    /// Data directory (log, state machine, snapshots). Default ./data.
+    /// Data directory (log, state machine, snapshots). Default [`defaults::DATA_DIR`].
     pub data_dir: PathBuf,
     /// Members that form the cluster on first start: node id -> peer address. Every initial member
     /// must be given the same map. Empty: the node waits to be added as a learner.
@@ -106,29 +111,33 @@ impl TlsConfig {
     }
 }
 
-/// Raft timing and log retention. Defaults chosen for a LAN of 3-5 nodes with fsync ~1 ms.
+/// Raft timing and log retention. Defaults ([`defaults`]) chosen for a LAN of 3-5 nodes with
+/// fsync ~1 ms.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RaftConfig {
-    /// Leader heartbeat interval (ms). Default 100.
+    /// Leader heartbeat interval (ms). Default [`defaults::HEARTBEAT_MS`].
     pub heartbeat_ms: u64,
-    /// Election timeout range (ms). Defaults 500-1000: a few heartbeats of slack so a busy
-    /// 2-core machine (fsync stalls, GC of RocksDB) does not trigger spurious elections.
+    /// Election timeout range (ms). Defaults [`defaults::ELECTION_TIMEOUT_MIN_MS`] and
+    /// [`defaults::ELECTION_TIMEOUT_MAX_MS`]: a few heartbeats of slack so a busy 2-core machine
+    /// (fsync stalls, GC of RocksDB) does not trigger spurious elections.
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
-    /// Take a snapshot after this many applied entries since the last one. Default 50000.
+    /// Take a snapshot after this many applied entries since the last one. Default
+    /// [`defaults::SNAPSHOT_LOGS_SINCE_LAST`].
     pub snapshot_logs_since_last: u64,
-    /// Log entries kept behind a snapshot for lagging followers. Default 10000.
+    /// Log entries kept behind a snapshot for lagging followers. Default
+    /// [`defaults::MAX_IN_SNAPSHOT_LOG_TO_KEEP`].
     pub max_in_snapshot_log_to_keep: u64,
-    /// Most entries in one append RPC. Default 1000.
+    /// Most entries in one append RPC. Default [`defaults::MAX_PAYLOAD_ENTRIES`].
     pub max_payload_entries: u64,
     /// Timeout of one snapshot transfer (ms): the floor; a bigger snapshot gets
-    /// size / snapshot_min_bandwidth_mb_s + 30 s instead. Default 600000 (10 minutes).
+    /// size / snapshot_min_bandwidth_mb_s + 30 s instead. Default [`defaults::SNAPSHOT_TIMEOUT_MS`].
     pub snapshot_timeout_ms: u64,
     /// The slowest peer link a snapshot transfer is expected to see (MB/s): sets the timeout of
-    /// a snapshot larger than the floor allows. Default 5.
+    /// a snapshot larger than the floor allows. Default [`defaults::SNAPSHOT_MIN_BANDWIDTH_MB_S`].
     pub snapshot_min_bandwidth_mb_s: u64,
-    /// Request ids are remembered for this many log entries. Default 1000000.
+    /// Request ids are remembered for this many log entries. Default [`defaults::DEDUP_WINDOW`].
     pub dedup_window: u64,
 }
 
@@ -136,19 +145,20 @@ pub struct RaftConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
-    /// Largest key in bytes. Default 4096.
+    /// Largest key in bytes. Default [`defaults::MAX_KEY_BYTES`].
     pub max_key_bytes: usize,
-    /// Largest value in bytes. Default 1 MiB.
+    /// Largest value in bytes. Default [`defaults::MAX_VALUE_BYTES`].
     pub max_value_bytes: usize,
-    /// Largest gRPC request in bytes. Default 4 MiB.
+    /// Largest gRPC request in bytes. Default [`defaults::MAX_REQUEST_BYTES`].
     pub max_request_bytes: usize,
-    /// Largest Range limit (and the default when 0 is asked). Default 10000.
+    /// Largest Range limit (and the default when 0 is asked). Default [`defaults::MAX_RANGE_LIMIT`].
     pub max_range_limit: u32,
-    /// Most operations in one Txn (compares + success + failure). Default 128.
+    /// Most operations in one Txn (compares + success + failure). Default [`defaults::MAX_TXN_OPS`].
     pub max_txn_ops: usize,
-    /// How long a read waits for this node to apply the index it needs (ms). Default 5000.
+    /// How long a read waits for this node to apply the index it needs (ms). Default
+    /// [`defaults::READ_WAIT_MS`].
     pub read_wait_ms: u64,
-    /// How long a write waits for commit (ms). Default 10000.
+    /// How long a write waits for commit (ms). Default [`defaults::WRITE_TIMEOUT_MS`].
     pub write_timeout_ms: u64,
 }
 
@@ -156,14 +166,14 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             node_id: 0,
-            client_addr: "127.0.0.1:7001".into(),
-            peer_addr: "127.0.0.1:7101".into(),
+            client_addr: defaults::CLIENT_ADDR.into(),
+            peer_addr: defaults::PEER_ADDR.into(),
             peer_listen_addr: String::new(),
-            ops_addr: "127.0.0.1:7201".into(),
-            data_dir: PathBuf::from("data"),
+            ops_addr: defaults::OPS_ADDR.into(),
+            data_dir: PathBuf::from(defaults::DATA_DIR),
             initial_members: BTreeMap::new(),
             dr_replica: false,
-            runtime_threads: 0,
+            runtime_threads: defaults::RUNTIME_THREADS,
             raft: RaftConfig::default(),
             limits: Limits::default(),
             tls: TlsConfig::default(),
@@ -174,15 +184,15 @@ impl Default for Config {
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
-            heartbeat_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1000,
-            snapshot_logs_since_last: 50_000,
-            max_in_snapshot_log_to_keep: 10_000,
-            max_payload_entries: 1000,
-            snapshot_timeout_ms: 600_000,
-            snapshot_min_bandwidth_mb_s: 5,
-            dedup_window: crate::fsm::DEFAULT_DEDUP_WINDOW,
+            heartbeat_ms: defaults::HEARTBEAT_MS,
+            election_timeout_min_ms: defaults::ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max_ms: defaults::ELECTION_TIMEOUT_MAX_MS,
+            snapshot_logs_since_last: defaults::SNAPSHOT_LOGS_SINCE_LAST,
+            max_in_snapshot_log_to_keep: defaults::MAX_IN_SNAPSHOT_LOG_TO_KEEP,
+            max_payload_entries: defaults::MAX_PAYLOAD_ENTRIES,
+            snapshot_timeout_ms: defaults::SNAPSHOT_TIMEOUT_MS,
+            snapshot_min_bandwidth_mb_s: defaults::SNAPSHOT_MIN_BANDWIDTH_MB_S,
+            dedup_window: defaults::DEDUP_WINDOW,
         }
     }
 }
@@ -190,13 +200,13 @@ impl Default for RaftConfig {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_key_bytes: 4096,
-            max_value_bytes: 1 << 20,
-            max_request_bytes: 4 << 20,
-            max_range_limit: 10_000,
-            max_txn_ops: 128,
-            read_wait_ms: 5000,
-            write_timeout_ms: 10_000,
+            max_key_bytes: defaults::MAX_KEY_BYTES,
+            max_value_bytes: defaults::MAX_VALUE_BYTES,
+            max_request_bytes: defaults::MAX_REQUEST_BYTES,
+            max_range_limit: defaults::MAX_RANGE_LIMIT,
+            max_txn_ops: defaults::MAX_TXN_OPS,
+            read_wait_ms: defaults::READ_WAIT_MS,
+            write_timeout_ms: defaults::WRITE_TIMEOUT_MS,
         }
     }
 }
@@ -303,6 +313,7 @@ impl Config {
         Ok(m)
     }
 
+    /// Checks every key; the error names the first bad one and why.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
             return Err(ConfigError::Invalid {
@@ -376,54 +387,66 @@ impl Config {
                 _ => {}
             }
         }
-        let r = &self.raft;
-        if r.heartbeat_ms == 0 {
+        self.raft.validate()?;
+        self.tls.validate()?;
+        self.limits.validate()
+    }
+}
+
+impl RaftConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_ms == 0 {
             return Err(ConfigError::Invalid {
                 key: "raft.heartbeat_ms",
                 reason: "must be > 0".into(),
             });
         }
-        if r.election_timeout_min_ms <= r.heartbeat_ms {
+        if self.election_timeout_min_ms <= self.heartbeat_ms {
             return Err(ConfigError::Invalid {
                 key: "raft.election_timeout_min_ms",
                 reason: "must be greater than raft.heartbeat_ms".into(),
             });
         }
-        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
             return Err(ConfigError::Invalid {
                 key: "raft.election_timeout_max_ms",
                 reason: "must be greater than raft.election_timeout_min_ms".into(),
             });
         }
-        if r.snapshot_logs_since_last == 0 {
+        if self.snapshot_logs_since_last == 0 {
             return Err(ConfigError::Invalid {
                 key: "raft.snapshot_logs_since_last",
                 reason: "must be > 0".into(),
             });
         }
-        if r.max_payload_entries == 0 {
+        if self.max_payload_entries == 0 {
             return Err(ConfigError::Invalid {
                 key: "raft.max_payload_entries",
                 reason: "must be > 0".into(),
             });
         }
-        if r.snapshot_min_bandwidth_mb_s == 0 {
+        if self.snapshot_min_bandwidth_mb_s == 0 {
             return Err(ConfigError::Invalid {
                 key: "raft.snapshot_min_bandwidth_mb_s",
                 reason: "must be > 0".into(),
             });
         }
-        if r.dedup_window == 0 {
+        if self.dedup_window == 0 {
             return Err(ConfigError::Invalid {
                 key: "raft.dedup_window",
                 reason: "must be > 0".into(),
             });
         }
-        let t = &self.tls;
+        Ok(())
+    }
+}
+
+impl TlsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
         let set = [
-            ("tls.cert_file", &t.cert_file),
-            ("tls.key_file", &t.key_file),
-            ("tls.ca_file", &t.ca_file),
+            ("tls.cert_file", &self.cert_file),
+            ("tls.key_file", &self.key_file),
+            ("tls.ca_file", &self.ca_file),
         ];
         let given = set
             .iter()
@@ -442,19 +465,19 @@ impl Config {
                     .into(),
             });
         }
-        if given == 0 && t.client_auth {
+        if given == 0 && self.client_auth {
             return Err(ConfigError::Invalid {
                 key: "tls.client_auth",
                 reason: "needs tls.cert_file, tls.key_file and tls.ca_file".into(),
             });
         }
-        if given == 0 && !t.peer_names.is_empty() {
+        if given == 0 && !self.peer_names.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "tls.peer_names",
                 reason: "needs tls.cert_file, tls.key_file and tls.ca_file".into(),
             });
         }
-        if let Some(bad) = t
+        if let Some(bad) = self
             .peer_names
             .iter()
             .find(|n| crate::tls::server_name(n).is_err())
@@ -464,24 +487,29 @@ impl Config {
                 reason: format!("{bad:?} is not a DNS name or an IP address"),
             });
         }
-        if !t.client_ca_file.as_os_str().is_empty() && !t.client_auth {
+        if !self.client_ca_file.as_os_str().is_empty() && !self.client_auth {
             return Err(ConfigError::Invalid {
                 key: "tls.client_ca_file",
                 reason: "verifies client certificates: set tls.client_auth = true too".into(),
             });
         }
-        let l = &self.limits;
-        if l.max_key_bytes == 0
-            || l.max_value_bytes == 0
-            || l.max_range_limit == 0
-            || l.max_txn_ops == 0
+        Ok(())
+    }
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_key_bytes == 0
+            || self.max_value_bytes == 0
+            || self.max_range_limit == 0
+            || self.max_txn_ops == 0
         {
             return Err(ConfigError::Invalid {
                 key: "limits",
                 reason: "limits must be > 0".into(),
             });
         }
-        if l.max_request_bytes < l.max_key_bytes + l.max_value_bytes {
+        if self.max_request_bytes < self.max_key_bytes + self.max_value_bytes {
             return Err(ConfigError::Invalid {
                 key: "limits.max_request_bytes",
                 reason: "must hold at least one key and one value".into(),
@@ -510,7 +538,7 @@ mod tests {
 
     #[test]
     fn example_config_parses_and_validates() {
-        let text = include_str!("../deploy/metaraft.toml");
+        let text = include_str!("../../deploy/metaraft.toml");
         let c = Config::from_toml(text).expect("parse example");
         c.validate().expect("example validates");
     }
