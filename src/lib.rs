@@ -19,7 +19,8 @@
 //! fsm/meta/          the metadata domain: records, apply rules, secondary indexes, queries, RBAC index
 //! storage/           the only RocksDB user: log store (group commit), state-machine store, checkpoints
 //! keys.rs            every key layout of both stores
-//! fsutil.rs          file helpers shared by snapshot and backup streaming
+//! checkpoint_files.rs shipping checkpoint files (snapshot transfer, base backups): list, chunk,
+//!                    CRC, safe names, receive with checks, publish durably
 //! raft_types.rs      openraft type configuration (the `Raft` handle type is consensus's)
 //! codec.rs           the one binary encoding (bincode 2): a leaf
 //! config.rs          TOML config with documented defaults and validate()
@@ -31,12 +32,12 @@
 
 pub mod api;
 pub mod backup;
+pub mod checkpoint_files;
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod consensus;
 pub mod fsm;
-pub mod fsutil;
 pub mod keys;
 pub mod metrics;
 pub mod net;

@@ -2,7 +2,6 @@
 //! `metaraft backup` (and the DR tooling). Both run off the apply path and never hold a lock
 //! that writes or heartbeats need: a checkpoint is RocksDB hard links, and the tail reads the log.
 
-use crate::fsutil::read_full;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -15,8 +14,6 @@ use crate::consensus::Consensus;
 use crate::pb;
 use crate::storage::{LogStore, StateMachineStore};
 
-/// Bytes per streamed file chunk.
-pub const CHUNK_SIZE: usize = 1 << 20;
 /// Log entries read per round while tailing.
 const TAIL_BATCH: u64 = 256;
 
@@ -49,7 +46,7 @@ impl pb::backup_server::Backup for BackupApi {
         let cluster_id = sm.cluster_id().map_err(ApiError::from)?;
         let listed = {
             let d = dir.clone();
-            tokio::task::spawn_blocking(move || crate::net::snapshot::manifest_files(&d))
+            tokio::task::spawn_blocking(move || crate::checkpoint_files::list_files(&d))
                 .await
                 .map_err(internal)?
         };
@@ -67,10 +64,10 @@ impl pb::backup_server::Backup for BackupApi {
             membership_json: serde_json::to_string(&meta.last_membership).unwrap_or_default(),
             node_id: self.node.id(),
             state_hash: hash,
-            total_bytes: files.iter().map(|(f, _)| f.size).sum(),
+            total_bytes: files.iter().map(|f| f.size).sum(),
             files: files
                 .iter()
-                .map(|(f, _)| pb::BackupFile {
+                .map(|f| pb::BackupFile {
                     name: f.name.clone(),
                     size: f.size,
                     crc32: f.crc32,
@@ -98,48 +95,24 @@ impl pb::backup_server::Backup for BackupApi {
                     }
                 }
             };
-            let mut ok = send(Ok(pb::BackupChunk {
+            let ok = send(Ok(pb::BackupChunk {
                 kind: Some(pb::backup_chunk::Kind::Header(header)),
             }));
-            'files: for (i, (_, path)) in files.iter().enumerate() {
-                if !ok {
-                    break;
-                }
-                let mut f = match std::fs::File::open(path) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        send(Err(internal(format!("{}: {e}", path.display()))));
-                        break;
-                    }
-                };
-                let mut offset = 0u64;
-                let mut buf = vec![0u8; CHUNK_SIZE];
-                loop {
-                    let n = match read_full(&mut f, &mut buf) {
-                        Ok(n) => n,
-                        Err(e) => {
-                            send(Err(internal(format!("{}: {e}", path.display()))));
-                            break 'files;
-                        }
-                    };
-                    if n == 0 {
-                        break;
-                    }
-                    sent += n as u64;
+            if ok {
+                let read = crate::checkpoint_files::read_chunks(&files, |c| {
+                    sent += c.data.len() as u64;
                     pace(sent);
-                    let data = buf[..n].to_vec();
-                    ok = send(Ok(pb::BackupChunk {
+                    send(Ok(pb::BackupChunk {
                         kind: Some(pb::backup_chunk::Kind::Data(pb::BackupFileChunk {
-                            file_index: i as u32,
-                            offset,
-                            crc32: crc32fast::hash(&data),
-                            data,
+                            file_index: c.file_index,
+                            offset: c.offset,
+                            crc32: c.crc32,
+                            data: c.data,
                         })),
-                    }));
-                    if !ok {
-                        break 'files;
-                    }
-                    offset += n as u64;
+                    }))
+                });
+                if let Err((path, e)) = read {
+                    send(Err(internal(format!("{}: {e}", path.display()))));
                 }
             }
             sm.remove_backup_checkpoint(&dir);

@@ -3,13 +3,13 @@
 //! the applied index and term, the membership, the cluster id, the state hash and the time. The
 //! manifest carries its own checksum.
 
-use crate::fsutil::read_full;
+use crate::checkpoint_files::{publish, read_full, safe_name, ChunkError, IncomingFile};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{now_unix_ms, sync_dir, BackupError, BACKUP_FORMAT_VERSION};
+use super::{now_unix_ms, BackupError, BACKUP_FORMAT_VERSION};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const CHUNK: u64 = 1 << 20;
@@ -195,7 +195,7 @@ pub struct BaseWriter {
     root: PathBuf,
     tmp: PathBuf,
     header: BaseHeader,
-    current: Option<(usize, std::fs::File, u64, crc32fast::Hasher)>,
+    current: Option<(usize, IncomingFile)>,
     next_file: usize,
     /// CRC32 of each fixed-size piece of each file, whatever sizes the stream's chunks had.
     chunk_crcs: Vec<Vec<u32>>,
@@ -205,20 +205,15 @@ pub struct BaseWriter {
     finished: bool,
 }
 
-fn safe_name(n: &str) -> bool {
-    !n.is_empty()
-        && n != "."
-        && n != ".."
-        && n != MANIFEST
-        && !n.contains('/')
-        && !n.contains('\\')
-        && !n.contains('\0')
+/// A refused chunk or file of the stream, named.
+fn stream_error(name: &str) -> impl FnOnce(ChunkError) -> BackupError + '_ {
+    move |e| BackupError::Stream(format!("{name}: {e}"))
 }
 
 impl BaseWriter {
     pub fn begin(root: &Path, header: BaseHeader) -> Result<BaseWriter, BackupError> {
         for (n, _, _) in &header.files {
-            if !safe_name(n) {
+            if !safe_name(n) || n == MANIFEST {
                 return Err(BackupError::Stream(format!("refusing file name {n:?}")));
             }
         }
@@ -245,23 +240,14 @@ impl BaseWriter {
     }
 
     fn close_current(&mut self) -> Result<(), BackupError> {
-        if let Some((i, f, written, h)) = self.current.take() {
+        if let Some((i, file)) = self.current.take() {
             if self.piece_len > 0 {
                 let piece = std::mem::replace(&mut self.piece, crc32fast::Hasher::new());
                 self.chunk_crcs[i].push(piece.finalize());
                 self.piece_len = 0;
             }
-            let (name, size, crc) = &self.header.files[i];
-            let p = self.tmp.join(name);
-            if written != *size {
-                return Err(BackupError::Stream(format!(
-                    "{name}: received {written} bytes, header says {size}"
-                )));
-            }
-            if h.finalize() != *crc {
-                return Err(BackupError::Stream(format!("{name}: file CRC mismatch")));
-            }
-            f.sync_all().map_err(BackupError::io("fsync", &p))?;
+            file.finish()
+                .map_err(stream_error(&self.header.files[i].0))?;
         }
         Ok(())
     }
@@ -282,9 +268,10 @@ impl BaseWriter {
         while self.next_file <= index {
             let i = self.next_file;
             self.next_file += 1;
-            let p = self.tmp.join(&self.header.files[i].0);
-            let f = std::fs::File::create(&p).map_err(BackupError::io("create", &p))?;
-            self.current = Some((i, f, 0, crc32fast::Hasher::new()));
+            let (name, size, crc) = &self.header.files[i];
+            let f = IncomingFile::create(self.tmp.join(name), *size, *crc)
+                .map_err(stream_error(name))?;
+            self.current = Some((i, f));
             if i < index {
                 self.close_current()?;
             }
@@ -303,27 +290,13 @@ impl BaseWriter {
         if i >= self.header.files.len() {
             return Err(BackupError::Stream(format!("chunk for unknown file {i}")));
         }
-        if crc32fast::hash(data) != crc {
-            return Err(BackupError::Stream(format!(
-                "{}: chunk at offset {offset} has a bad CRC",
-                self.header.files[i].0
-            )));
-        }
         self.advance_to(i)?;
-        let Some((_, f, written, h)) = self.current.as_mut() else {
+        let Some((_, f)) = self.current.as_mut() else {
             return Err(BackupError::Stream("no open file".into()));
         };
-        if offset != *written {
-            return Err(BackupError::Stream(format!(
-                "{}: chunk at offset {offset}, expected {written}",
-                self.header.files[i].0
-            )));
-        }
-        let p = self.tmp.join(&self.header.files[i].0);
-        f.write_all(data).map_err(BackupError::io("write", &p))?;
-        h.update(data);
+        f.write(offset, data, crc)
+            .map_err(stream_error(&self.header.files[i].0))?;
         self.digest.update(data);
-        *written += data.len() as u64;
         let mut rest = data;
         while !rest.is_empty() {
             let take = ((CHUNK - self.piece_len) as usize).min(rest.len());
@@ -371,7 +344,6 @@ impl BaseWriter {
             snapshot_meta_hex: hex_encode(&h.snapshot_meta),
         };
         manifest.write(&self.tmp)?;
-        sync_dir(&self.tmp)?;
         let fin = super::base_dir(&self.root, h.applied_index);
         if fin.exists() {
             return Err(BackupError::Refused(format!(
@@ -379,8 +351,11 @@ impl BaseWriter {
                 fin.display()
             )));
         }
-        std::fs::rename(&self.tmp, &fin).map_err(BackupError::io("rename", &fin))?;
-        sync_dir(&self.root)?;
+        publish(&self.tmp, &fin).map_err(|(path, source)| BackupError::Io {
+            op: "publish",
+            path,
+            source,
+        })?;
         self.finished = true;
         Ok((fin, manifest))
     }

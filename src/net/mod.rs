@@ -528,7 +528,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             StreamingError::Network(NetworkError::new(&AnyError::error(e.to_string())))
         })?;
         let dir = snapshot.snapshot.path.clone();
-        let bytes = tokio::task::spawn_blocking(move || snapshot::dir_bytes(&dir))
+        let bytes = tokio::task::spawn_blocking(move || crate::checkpoint_files::dir_bytes(&dir))
             .await
             .unwrap_or(0);
         let timeout = snapshot_timeout(option.hard_ttl(), bytes, self.snapshot_min_bytes_per_sec);

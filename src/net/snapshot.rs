@@ -3,73 +3,20 @@
 //! temporary directory, checks every chunk, file size and file CRC, fsyncs, renames, and only
 //! then hands the directory to openraft. Memory stays bounded: a few chunks in flight.
 
-use crate::fsutil::read_full;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::NetError;
+use crate::checkpoint_files::{
+    list_files, publish, read_chunks, safe_name, ChunkError, IncomingFile,
+};
 use crate::codec::{decode, encode};
 use crate::pb::peer::{snapshot_chunk, FileChunk, FileEntry, SnapshotChunk, SnapshotManifest};
 use crate::raft_types::{SnapshotMeta, TypeConfig, Vote};
 use crate::storage::SnapshotDir;
-
-pub const CHUNK_SIZE: usize = 1 << 20;
-
-fn file_crc(path: &Path) -> std::io::Result<(u64, u32)> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; CHUNK_SIZE];
-    let mut n = 0u64;
-    loop {
-        let r = f.read(&mut buf)?;
-        if r == 0 {
-            break;
-        }
-        h.update(&buf[..r]);
-        n += r as u64;
-    }
-    Ok((n, h.finalize()))
-}
-
-/// Lists a snapshot directory as a manifest (sorted by name).
-pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<(FileEntry, PathBuf)>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        if !e.file_type()?.is_file() {
-            continue;
-        }
-        let (size, crc32) = file_crc(&e.path())?;
-        out.push((
-            FileEntry {
-                name: e.file_name().to_string_lossy().into_owned(),
-                size,
-                crc32,
-            },
-            e.path(),
-        ));
-    }
-    out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    Ok(out)
-}
-
-/// Total size of the files of a snapshot directory (0 if it cannot be read: the transfer then
-/// reports the real error).
-pub fn dir_bytes(dir: &std::path::Path) -> u64 {
-    // Metadata only: the manifest's CRCs are computed once, by the transfer itself.
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
-        .sum()
-}
 
 /// Streams `snapshot` to a peer and returns its answer.
 pub async fn send(
@@ -86,11 +33,18 @@ pub async fn send(
     })?;
     let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
     let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let files = manifest_files(&dir)?;
-        let total_bytes = files.iter().map(|f| f.0.size).sum();
+        let files = list_files(&dir)?;
+        let total_bytes = files.iter().map(|f| f.size).sum();
         let manifest = SnapshotManifest {
             header,
-            files: files.iter().map(|f| f.0.clone()).collect(),
+            files: files
+                .iter()
+                .map(|f| FileEntry {
+                    name: f.name.clone(),
+                    size: f.size,
+                    crc32: f.crc32,
+                })
+                .collect(),
             total_bytes,
         };
         if tx
@@ -101,34 +55,19 @@ pub async fn send(
         {
             return Ok(());
         }
-        for (i, (_, path)) in files.iter().enumerate() {
-            let mut f = std::fs::File::open(path)?;
-            let mut offset = 0u64;
-            loop {
-                let mut buf = vec![0u8; CHUNK_SIZE];
-                let n = read_full(&mut f, &mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                buf.truncate(n);
-                let crc32 = crc32fast::hash(&buf);
-                let chunk = FileChunk {
-                    file_index: i as u32,
-                    offset,
-                    data: buf,
-                    crc32,
-                };
-                if tx
-                    .blocking_send(SnapshotChunk {
-                        kind: Some(snapshot_chunk::Kind::Data(chunk)),
-                    })
-                    .is_err()
-                {
-                    return Ok(());
-                }
-                offset += n as u64;
-            }
-        }
+        read_chunks(&files, |c| {
+            let chunk = FileChunk {
+                file_index: c.file_index,
+                offset: c.offset,
+                data: c.data,
+                crc32: c.crc32,
+            };
+            tx.blocking_send(SnapshotChunk {
+                kind: Some(snapshot_chunk::Kind::Data(chunk)),
+            })
+            .is_ok()
+        })
+        .map_err(|(path, e)| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         Ok(())
     });
     let call = client.install_snapshot(ReceiverStream::new(rx));
@@ -205,12 +144,7 @@ where
         let (vote, meta): (Vote, SnapshotMeta) = decode(&m.header)
             .map_err(|e| ReceiveError::Protocol(format!("bad manifest header: {e}")))?;
         for f in &m.files {
-            if f.name.is_empty()
-                || f.name.contains('/')
-                || f.name.contains('\\')
-                || f.name == "."
-                || f.name == ".."
-            {
+            if !safe_name(&f.name) {
                 return Err(ReceiveError::Protocol(format!(
                     "illegal file name {:?}",
                     f.name
@@ -230,15 +164,17 @@ where
             path: tmp.clone(),
             source,
         })?;
-        let mut written = vec![0u64; m.files.len()];
-        let mut hashers: Vec<crc32fast::Hasher> =
-            m.files.iter().map(|_| crc32fast::Hasher::new()).collect();
-        let mut handles: Vec<Option<std::fs::File>> = Vec::with_capacity(m.files.len());
+        let integrity = |name: &str| {
+            let file = name.to_string();
+            move |e: ChunkError| ReceiveError::Integrity {
+                file,
+                reason: e.to_string(),
+            }
+        };
+        let mut files = Vec::with_capacity(m.files.len());
         for f in &m.files {
-            let p = tmp.join(&f.name);
-            handles.push(Some(
-                std::fs::File::create(&p).map_err(|source| ReceiveError::Io { path: p, source })?,
-            ));
+            let created = IncomingFile::create(tmp.join(&f.name), f.size, f.crc32);
+            files.push(Some(created.map_err(integrity(&f.name))?));
         }
         while let Some(msg) = stream.next().await {
             let msg = msg.map_err(|s| ReceiveError::Protocol(s.to_string()))?;
@@ -248,67 +184,22 @@ where
                 ));
             };
             let i = c.file_index as usize;
-            let entry = m
-                .files
-                .get(i)
-                .ok_or_else(|| ReceiveError::Protocol(format!("file index {i} out of range")))?;
-            if crc32fast::hash(&c.data) != c.crc32 {
-                return Err(ReceiveError::Integrity {
-                    file: entry.name.clone(),
-                    reason: format!("chunk at offset {} fails its CRC32", c.offset),
-                });
-            }
-            if c.offset != written[i] {
-                return Err(ReceiveError::Integrity {
-                    file: entry.name.clone(),
-                    reason: format!("chunk at offset {}, expected {}", c.offset, written[i]),
-                });
-            }
-            if written[i] + c.data.len() as u64 > entry.size {
-                return Err(ReceiveError::Integrity {
-                    file: entry.name.clone(),
-                    reason: "more data than the manifest's size".into(),
-                });
-            }
-            let p = tmp.join(&entry.name);
-            let fh = handles[i]
-                .as_mut()
-                .ok_or_else(|| ReceiveError::Protocol("file closed".into()))?;
-            fh.write_all(&c.data)
-                .map_err(|source| ReceiveError::Io { path: p, source })?;
-            hashers[i].update(&c.data);
-            written[i] += c.data.len() as u64;
+            let (Some(entry), Some(Some(file))) = (m.files.get(i), files.get_mut(i)) else {
+                return Err(ReceiveError::Protocol(format!(
+                    "file index {i} out of range"
+                )));
+            };
+            file.write(c.offset, &c.data, c.crc32)
+                .map_err(integrity(&entry.name))?;
         }
-        for (i, f) in m.files.iter().enumerate() {
-            if written[i] != f.size {
-                return Err(ReceiveError::Integrity {
-                    file: f.name.clone(),
-                    reason: format!("got {} bytes, manifest says {}", written[i], f.size),
-                });
-            }
-            let h = std::mem::replace(&mut hashers[i], crc32fast::Hasher::new()).finalize();
-            if h != f.crc32 {
-                return Err(ReceiveError::Integrity {
-                    file: f.name.clone(),
-                    reason: "whole-file CRC32 mismatch".into(),
-                });
-            }
-            let p = tmp.join(&f.name);
-            if let Some(fh) = handles[i].take() {
-                fh.sync_all()
-                    .map_err(|source| ReceiveError::Io { path: p, source })?;
+        for (f, file) in m.files.iter().zip(files.iter_mut()) {
+            if let Some(file) = file.take() {
+                file.finish().map_err(integrity(&f.name))?;
             }
         }
-        crate::storage::sync_dir(&tmp).map_err(|e| ReceiveError::Protocol(e.to_string()))?;
         let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         let fin = final_dir(index);
-        std::fs::rename(&tmp, &fin).map_err(|source| ReceiveError::Io {
-            path: fin.clone(),
-            source,
-        })?;
-        if let Some(parent) = fin.parent() {
-            crate::storage::sync_dir(parent).map_err(|e| ReceiveError::Protocol(e.to_string()))?;
-        }
+        publish(&tmp, &fin).map_err(|(path, source)| ReceiveError::Io { path, source })?;
         Ok((vote, meta, fin))
     }
     .await;
@@ -321,6 +212,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn header() -> Vec<u8> {
         let vote = Vote::new(1, 1);

@@ -259,8 +259,11 @@ fn dir_bytes_sums_file_sizes() {
     std::fs::write(d.path().join("a"), vec![0u8; 1000]).expect("write");
     std::fs::write(d.path().join("b"), vec![0u8; 24]).expect("write");
     std::fs::create_dir(d.path().join("sub")).expect("mkdir");
-    assert_eq!(snapshot::dir_bytes(d.path()), 1024);
-    assert_eq!(snapshot::dir_bytes(&d.path().join("missing")), 0);
+    assert_eq!(crate::checkpoint_files::dir_bytes(d.path()), 1024);
+    assert_eq!(
+        crate::checkpoint_files::dir_bytes(&d.path().join("missing")),
+        0
+    );
 }
 
 /// A TCP relay in front of a server that can stop moving bytes, as a partition that drops
