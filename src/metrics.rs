@@ -247,22 +247,24 @@ impl Metrics {
             self.tls_failed_client.load(Ordering::Relaxed),
             self.tls_failed_peer.load(Ordering::Relaxed)
         );
+        self.render_histograms(&mut out);
+        out
+    }
+
+    /// The histograms of [`Metrics::render`].
+    fn render_histograms(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP metaraft_log_fsync_seconds Latency of one log WAL fsync.\n# TYPE metaraft_log_fsync_seconds histogram");
         self.fsync_latency
-            .render(&mut out, "metaraft_log_fsync_seconds", "", &LATENCY_BUCKETS);
+            .render(out, "metaraft_log_fsync_seconds", "", &LATENCY_BUCKETS);
         let _ = writeln!(out, "# HELP metaraft_log_fsync_batch_size Appends covered by one fsync (group commit).\n# TYPE metaraft_log_fsync_batch_size histogram");
-        self.fsync_batch.render(
-            &mut out,
-            "metaraft_log_fsync_batch_size",
-            "",
-            &BATCH_BUCKETS,
-        );
+        self.fsync_batch
+            .render(out, "metaraft_log_fsync_batch_size", "", &BATCH_BUCKETS);
         let _ = writeln!(out, "# HELP metaraft_forward_batch_size Writes per batch this node forwarded to the leader.\n# TYPE metaraft_forward_batch_size histogram");
         self.forward_batch
-            .render(&mut out, "metaraft_forward_batch_size", "", &BATCH_BUCKETS);
+            .render(out, "metaraft_forward_batch_size", "", &BATCH_BUCKETS);
         let _ = writeln!(out, "# HELP metaraft_propose_batch_size Writes per proposal this node (as leader) handed to the Raft core.\n# TYPE metaraft_propose_batch_size histogram");
         self.propose_batch
-            .render(&mut out, "metaraft_propose_batch_size", "", &BATCH_BUCKETS);
+            .render(out, "metaraft_propose_batch_size", "", &BATCH_BUCKETS);
         let _ = writeln!(out, "# HELP metaraft_rpc_seconds Client RPC latency by method and result.\n# TYPE metaraft_rpc_seconds histogram");
         let m = match self.rpc_latency.lock() {
             Ok(g) => g,
@@ -270,13 +272,12 @@ impl Metrics {
         };
         for ((rpc, code), h) in m.iter() {
             h.render(
-                &mut out,
+                out,
                 "metaraft_rpc_seconds",
                 &format!("rpc=\"{rpc}\",code=\"{code}\""),
                 &LATENCY_BUCKETS,
             );
         }
-        out
     }
 }
 

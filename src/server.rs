@@ -167,18 +167,107 @@ async fn reload_tls_on_sighup(
     }
 }
 
+/// The node's TLS material, when the config asks for TLS.
+fn load_tls(config: &Config) -> Result<Option<crate::tls::NodeTls>, ServerError> {
+    let Some(files) = config.tls.files() else {
+        return Ok(None);
+    };
+    Ok(Some(crate::tls::NodeTls::load(
+        &files,
+        config.tls.client_auth,
+        &config.tls.peer_names,
+    )?))
+}
+
+/// The peer port's service; calls from another cluster lineage are refused.
+fn peer_router(
+    node: &Arc<Consensus>,
+    raft: &Raft,
+    sm: &StateMachineStore,
+) -> tonic::transport::server::Router {
+    let peer_svc = tonic::service::interceptor::InterceptedService::new(
+        crate::pb::peer::peer_server::PeerServer::new(PeerService {
+            node: node.clone(),
+            raft: raft.clone(),
+            sm: sm.clone(),
+        })
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE),
+        crate::net::CheckLineage(sm.lineage()),
+    );
+    crate::net::peer_server().add_service(peer_svc)
+}
+
+/// The client port's services, all over this node's consensus handle.
+fn client_router(
+    node: &Arc<Consensus>,
+    pool: &Arc<PeerPool>,
+    sm: &StateMachineStore,
+    log: LogStore,
+    max_req: usize,
+) -> tonic::transport::server::Router {
+    let api = || Api {
+        node: node.clone(),
+        peers: pool.clone(),
+    };
+    let kv = crate::pb::kv_server::KvServer::new(api()).max_decoding_message_size(max_req);
+    let cluster = crate::pb::cluster_server::ClusterServer::new(api());
+    let metadata =
+        crate::pb::metadata_server::MetadataServer::new(api()).max_decoding_message_size(max_req);
+    let identity = crate::pb::identity_server::IdentityServer::new(api());
+    let rbac = crate::pb::rbac_server::RbacServer::new(api()).max_decoding_message_size(max_req);
+    let backup = crate::pb::backup_server::BackupServer::new(crate::api::backup::BackupApi {
+        node: node.clone(),
+        sm: sm.clone(),
+        log,
+    });
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(kv)
+        .add_service(cluster)
+        .add_service(backup)
+        .add_service(metadata)
+        .add_service(identity)
+        .add_service(rbac)
+}
+
+/// A node with `initial_members` whose Raft is not initialized yet initializes it with them.
+async fn initialize_if_new(config: &Config, raft: &Raft) -> Result<(), ServerError> {
+    if config.initial_members.is_empty() {
+        return Ok(());
+    }
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| ServerError::Raft(e.to_string()))?;
+    if !initialized {
+        let members: std::collections::BTreeMap<u64, Node> = config
+            .initial_members
+            .iter()
+            .map(|(id, addr)| {
+                (
+                    *id,
+                    Node {
+                        peer_addr: addr.clone(),
+                        client_addr: String::new(),
+                    },
+                )
+            })
+            .collect();
+        // Every initial member calls this with the identical membership; openraft's vote
+        // decides which copy wins. Client addresses are learned from NodeStatus.
+        if let Err(e) = raft.initialize(members).await {
+            tracing::info!(error = %e, "initialize skipped");
+        }
+    }
+    Ok(())
+}
+
 impl Server {
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
         // Every TLS file is read and checked before anything is bound or opened.
-        let tls = match config.tls.files() {
-            None => None,
-            Some(files) => Some(crate::tls::NodeTls::load(
-                &files,
-                config.tls.client_auth,
-                &config.tls.peer_names,
-            )?),
-        };
+        let tls = load_tls(&config)?;
         let rcfg = Arc::new(raft_config(&config).map_err(ServerError::RaftConfig)?);
         std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
             path: config.data_dir.clone(),
@@ -232,19 +321,8 @@ impl Server {
         node.spawn_watchers(shutdown_rx.clone());
         let mut tasks = Vec::new();
 
-        let peer_svc = tonic::service::interceptor::InterceptedService::new(
-            crate::pb::peer::peer_server::PeerServer::new(PeerService {
-                node: node.clone(),
-                raft: raft.clone(),
-                sm: sm.clone(),
-            })
-            .max_decoding_message_size(MAX_PEER_MESSAGE)
-            .max_encoding_message_size(MAX_PEER_MESSAGE),
-            crate::net::CheckLineage(sm.lineage()),
-        );
-        let router = crate::net::peer_server().add_service(peer_svc);
         tasks.push(tokio::spawn(serve_port(
-            router,
+            peer_router(&node, &raft, &sm),
             peer_l,
             tls.as_ref().map(|t| t.peer_port.clone()),
             "peer",
@@ -252,43 +330,7 @@ impl Server {
             shutdown_rx.clone(),
         )));
 
-        let max_req = config.limits.max_request_bytes;
-        let kv = crate::pb::kv_server::KvServer::new(Api {
-            node: node.clone(),
-            peers: pool.clone(),
-        })
-        .max_decoding_message_size(max_req);
-        let cluster = crate::pb::cluster_server::ClusterServer::new(Api {
-            node: node.clone(),
-            peers: pool.clone(),
-        });
-        let metadata = crate::pb::metadata_server::MetadataServer::new(Api {
-            node: node.clone(),
-            peers: pool.clone(),
-        })
-        .max_decoding_message_size(max_req);
-        let identity = crate::pb::identity_server::IdentityServer::new(Api {
-            node: node.clone(),
-            peers: pool.clone(),
-        });
-        let rbac = crate::pb::rbac_server::RbacServer::new(Api {
-            node: node.clone(),
-            peers: pool.clone(),
-        })
-        .max_decoding_message_size(max_req);
-        let backup = crate::pb::backup_server::BackupServer::new(crate::api::backup::BackupApi {
-            node: node.clone(),
-            sm: sm.clone(),
-            log,
-        });
-        let router = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(kv)
-            .add_service(cluster)
-            .add_service(backup)
-            .add_service(metadata)
-            .add_service(identity)
-            .add_service(rbac);
+        let router = client_router(&node, &pool, &sm, log, config.limits.max_request_bytes);
         tasks.push(tokio::spawn(serve_port(
             router,
             client_l,
@@ -310,32 +352,7 @@ impl Server {
             )));
         }
 
-        if !config.initial_members.is_empty() {
-            let initialized = raft
-                .is_initialized()
-                .await
-                .map_err(|e| ServerError::Raft(e.to_string()))?;
-            if !initialized {
-                let members: std::collections::BTreeMap<u64, Node> = config
-                    .initial_members
-                    .iter()
-                    .map(|(id, addr)| {
-                        (
-                            *id,
-                            Node {
-                                peer_addr: addr.clone(),
-                                client_addr: String::new(),
-                            },
-                        )
-                    })
-                    .collect();
-                // Every initial member calls this with the identical membership; openraft's vote
-                // decides which copy wins. Client addresses are learned from NodeStatus.
-                if let Err(e) = raft.initialize(members).await {
-                    tracing::info!(error = %e, "initialize skipped");
-                }
-            }
-        }
+        initialize_if_new(&config, &raft).await?;
         tracing::info!(node = config.node_id, client = %config.client_addr, peer = %config.peer_addr, ops = %config.ops_addr, "node started");
         Ok(Server {
             node,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{segment, verify, BackupError, BaseManifest};
+use super::{segment, verify, BackupError, BaseManifest, Catalog};
 use crate::codec::decode;
 use crate::raft_types::{Entry, Node};
 use crate::storage::StateMachineStore;
@@ -68,25 +68,9 @@ fn index_at_time(
     Ok(found)
 }
 
-pub async fn restore(o: &RestoreOpts) -> Result<RestoreReport, BackupError> {
-    let started = std::time::Instant::now();
-    if !dir_is_empty(&o.data_dir)? {
-        return Err(BackupError::Refused(format!(
-            "data directory {} is not empty; restore never writes over existing data",
-            o.data_dir.display()
-        )));
-    }
-    // Every checksum and the whole chain, before anything is written.
-    let cat = verify(&o.from, true)?;
-    let latest = cat
-        .restorable
-        .iter()
-        .map(|r| r.to_index)
-        .max()
-        .ok_or_else(|| {
-            BackupError::Refused(format!("{} holds no base backup", o.from.display()))
-        })?;
-    let target = match (o.to_index, o.to_time_ms) {
+/// The index a restore aims for: `--to-index`, the newest index at `--to-time`, or the latest.
+fn target_index(o: &RestoreOpts, cat: &Catalog, latest: u64) -> Result<u64, BackupError> {
+    Ok(match (o.to_index, o.to_time_ms) {
         (Some(_), Some(_)) => {
             return Err(BackupError::Refused(
                 "give --to-index or --to-time, not both".into(),
@@ -111,7 +95,75 @@ pub async fn restore(o: &RestoreOpts) -> Result<RestoreReport, BackupError> {
             }
         }
         (None, None) => latest,
-    };
+    })
+}
+
+/// Replays the backed-up records after `base_index` up to `target` through the normal apply;
+/// returns how many it applied.
+async fn replay(
+    sm: &mut StateMachineStore,
+    cat: &Catalog,
+    base_index: u64,
+    target: u64,
+) -> Result<u64, BackupError> {
+    let mut replayed = 0u64;
+    let mut batch: Vec<Entry> = Vec::new();
+    for s in &cat.segments {
+        if s.last <= base_index || s.first > target {
+            continue;
+        }
+        let mut pending: Vec<Entry> = Vec::new();
+        segment::read_segment(&s.path, &cat.cluster_id, false, |rec| {
+            if rec.index <= base_index || rec.index > target {
+                return Ok(());
+            }
+            let e: Entry = decode(&rec.entry).map_err(|err| BackupError::Damaged {
+                path: s.path.clone(),
+                offset: 0,
+                what: format!("record {} does not decode: {err}", rec.index),
+            })?;
+            if e.log_id.index != rec.index {
+                return Err(BackupError::Damaged {
+                    path: s.path.clone(),
+                    offset: 0,
+                    what: format!("record {} holds entry {}", rec.index, e.log_id.index),
+                });
+            }
+            pending.push(e);
+            Ok(())
+        })?;
+        for e in pending {
+            batch.push(e);
+            if batch.len() >= 512 {
+                replayed += batch.len() as u64;
+                sm.apply_entries(std::mem::take(&mut batch)).await?;
+            }
+        }
+    }
+    replayed += batch.len() as u64;
+    sm.apply_entries(batch).await?;
+    Ok(replayed)
+}
+
+pub async fn restore(o: &RestoreOpts) -> Result<RestoreReport, BackupError> {
+    let started = std::time::Instant::now();
+    if !dir_is_empty(&o.data_dir)? {
+        return Err(BackupError::Refused(format!(
+            "data directory {} is not empty; restore never writes over existing data",
+            o.data_dir.display()
+        )));
+    }
+    // Every checksum and the whole chain, before anything is written.
+    let cat = verify(&o.from, true)?;
+    let latest = cat
+        .restorable
+        .iter()
+        .map(|r| r.to_index)
+        .max()
+        .ok_or_else(|| {
+            BackupError::Refused(format!("{} holds no base backup", o.from.display()))
+        })?;
+    let target = target_index(o, &cat, latest)?;
     let Some(r) = cat
         .restorable
         .iter()
@@ -147,42 +199,7 @@ pub async fn restore(o: &RestoreOpts) -> Result<RestoreReport, BackupError> {
     }
 
     // Replay the records after the base, up to the target, through the normal apply.
-    let mut replayed = 0u64;
-    let mut batch: Vec<Entry> = Vec::new();
-    for s in &cat.segments {
-        if s.last <= r.base_index || s.first > target {
-            continue;
-        }
-        let mut pending: Vec<Entry> = Vec::new();
-        segment::read_segment(&s.path, &cat.cluster_id, false, |rec| {
-            if rec.index <= r.base_index || rec.index > target {
-                return Ok(());
-            }
-            let e: Entry = decode(&rec.entry).map_err(|err| BackupError::Damaged {
-                path: s.path.clone(),
-                offset: 0,
-                what: format!("record {} does not decode: {err}", rec.index),
-            })?;
-            if e.log_id.index != rec.index {
-                return Err(BackupError::Damaged {
-                    path: s.path.clone(),
-                    offset: 0,
-                    what: format!("record {} holds entry {}", rec.index, e.log_id.index),
-                });
-            }
-            pending.push(e);
-            Ok(())
-        })?;
-        for e in pending {
-            batch.push(e);
-            if batch.len() >= 512 {
-                replayed += batch.len() as u64;
-                sm.apply_entries(std::mem::take(&mut batch)).await?;
-            }
-        }
-    }
-    replayed += batch.len() as u64;
-    sm.apply_entries(batch).await?;
+    let replayed = replay(&mut sm, &cat, r.base_index, target).await?;
     let (restored, state_hash) = sm.state_hash()?;
     if restored != target {
         return Err(BackupError::Chain(format!(

@@ -68,6 +68,54 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+impl SegmentInfo {
+    /// A segment of `bytes` bytes named for index `first`, before any record is read.
+    fn empty(path: &Path, first: u64, bytes: u64) -> SegmentInfo {
+        SegmentInfo {
+            path: path.to_path_buf(),
+            first,
+            last: first - 1,
+            records: 0,
+            bytes,
+            first_unix_ms: 0,
+            last_unix_ms: 0,
+        }
+    }
+}
+
+/// Reads and checks a segment's header: the magic, a format this binary reads, and (unless
+/// `cluster_id` is empty) the cluster it belongs to.
+fn check_header(r: &mut impl Read, path: &Path, cluster_id: &str) -> Result<(), BackupError> {
+    let damaged = |offset: u64, what: String| BackupError::Damaged {
+        path: path.to_path_buf(),
+        offset,
+        what,
+    };
+    let mut h = [0u8; HEADER_LEN as usize];
+    r.read_exact(&mut h)
+        .map_err(BackupError::io("read", path))?;
+    if &h[..8] != MAGIC {
+        return Err(damaged(0, "not a metaraft log segment (bad magic)".into()));
+    }
+    let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    if version > BACKUP_FORMAT_VERSION {
+        return Err(damaged(
+            8,
+            format!("segment format {version} is newer than this metaraft"),
+        ));
+    }
+    let seg_cluster = String::from_utf8_lossy(&h[16..32])
+        .trim_end_matches('\0')
+        .to_string();
+    if !cluster_id.is_empty() && seg_cluster != cluster_id {
+        return Err(BackupError::Chain(format!(
+            "{} belongs to cluster {seg_cluster:?}, the backup to {cluster_id:?}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Reads a segment, calling `each` for every record. `torn_tail_ok`: an incomplete last record
 /// (a crash mid-append) ends the scan instead of being damage; the valid length is returned.
 pub fn read_segment(
@@ -91,52 +139,14 @@ pub fn read_segment(
     let f = std::fs::File::open(path).map_err(BackupError::io("open", path))?;
     let len = f.metadata().map_err(BackupError::io("stat", path))?.len();
     let mut r = BufReader::with_capacity(1 << 20, f);
-    let mut h = [0u8; HEADER_LEN as usize];
     if len < HEADER_LEN {
         if torn_tail_ok {
-            let info = SegmentInfo {
-                path: path.to_path_buf(),
-                first: name_first,
-                last: name_first - 1,
-                records: 0,
-                bytes: 0,
-                first_unix_ms: 0,
-                last_unix_ms: 0,
-            };
-            return Ok((info, 0));
+            return Ok((SegmentInfo::empty(path, name_first, 0), 0));
         }
         return Err(damaged(0, "shorter than a segment header".into()));
     }
-    r.read_exact(&mut h)
-        .map_err(BackupError::io("read", path))?;
-    if &h[..8] != MAGIC {
-        return Err(damaged(0, "not a metaraft log segment (bad magic)".into()));
-    }
-    let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-    if version > BACKUP_FORMAT_VERSION {
-        return Err(damaged(
-            8,
-            format!("segment format {version} is newer than this metaraft"),
-        ));
-    }
-    let seg_cluster = String::from_utf8_lossy(&h[16..32])
-        .trim_end_matches('\0')
-        .to_string();
-    if !cluster_id.is_empty() && seg_cluster != cluster_id {
-        return Err(BackupError::Chain(format!(
-            "{} belongs to cluster {seg_cluster:?}, the backup to {cluster_id:?}",
-            path.display()
-        )));
-    }
-    let mut info = SegmentInfo {
-        path: path.to_path_buf(),
-        first: name_first,
-        last: name_first - 1,
-        records: 0,
-        bytes: len,
-        first_unix_ms: 0,
-        last_unix_ms: 0,
-    };
+    check_header(&mut r, path, cluster_id)?;
+    let mut info = SegmentInfo::empty(path, name_first, len);
     let mut offset = HEADER_LEN;
     let mut body = Vec::new();
     while offset < len {

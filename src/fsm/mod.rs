@@ -658,45 +658,7 @@ fn apply_command(
             compares,
             success,
             failure,
-        } => {
-            let mut ok = true;
-            for c in compares {
-                let holds = match c {
-                    Compare::Revision { key, revision } => {
-                        get_revisions(state, key)?
-                            .map(|r| r.mod_revision)
-                            .unwrap_or(0)
-                            == *revision
-                    }
-                    Compare::Value { key, value } => get_value(state, key)?
-                        .map(|r| r.value == *value)
-                        .unwrap_or(false),
-                };
-                if !holds {
-                    ok = false;
-                    break;
-                }
-            }
-            let ops = if ok { success } else { failure };
-            for op in ops {
-                match op {
-                    Op::Put { key, value } => {
-                        let (m, _) = put_mutation(state, index, key, value, &mut overlay)?;
-                        muts.push(m);
-                    }
-                    Op::Delete { key } => {
-                        if lookup(state, key, &overlay)?.is_some() {
-                            muts.push(Mutation::Delete(keys::data(key)));
-                        }
-                        overlay.push((key.clone(), None));
-                    }
-                }
-            }
-            Ok(Response::Txn {
-                revision: index,
-                succeeded: ok,
-            })
-        }
+        } => apply_txn(state, index, compares, success, failure, muts),
         Command::Meta { at_ms, op, .. } => {
             let op: meta::MetaOp = crate::codec::decode(op).map_err(|e| FsmError::Corrupt {
                 key: Vec::new(),
@@ -710,6 +672,56 @@ fn apply_command(
             })
         }
     }
+}
+
+/// A transaction: every compare holds -> `success`, else `failure`; its ops read each other's
+/// writes.
+fn apply_txn(
+    state: &dyn StateRead,
+    index: u64,
+    compares: &[Compare],
+    success: &[Op],
+    failure: &[Op],
+    muts: &mut Vec<Mutation>,
+) -> Result<Response, FsmError> {
+    let mut ok = true;
+    for c in compares {
+        let holds = match c {
+            Compare::Revision { key, revision } => {
+                get_revisions(state, key)?
+                    .map(|r| r.mod_revision)
+                    .unwrap_or(0)
+                    == *revision
+            }
+            Compare::Value { key, value } => get_value(state, key)?
+                .map(|r| r.value == *value)
+                .unwrap_or(false),
+        };
+        if !holds {
+            ok = false;
+            break;
+        }
+    }
+    let mut overlay = Vec::new();
+    let ops = if ok { success } else { failure };
+    for op in ops {
+        match op {
+            Op::Put { key, value } => {
+                let (m, _) = put_mutation(state, index, key, value, &mut overlay)?;
+                muts.push(m);
+            }
+            Op::Delete { key } => {
+                if lookup(state, key, &overlay)?.is_some() {
+                    muts.push(Mutation::Delete(keys::data(key)));
+                }
+                overlay.push((key.clone(), None));
+            }
+        }
+    }
+    Ok(Response::Txn {
+        revision: index,
+        succeeded: ok,
+    })
 }
 
 #[cfg(test)]

@@ -281,11 +281,9 @@ fn decode_token(tok: &str, check: u32) -> Result<Vec<u8>, QueryError> {
     Ok(bytes[4..].to_vec())
 }
 
-/// Lists one page.
-pub fn list(state: &dyn StateRead, q: &ListQuery) -> Result<ListPage, QueryError> {
-    let kind = q
-        .kind
-        .ok_or_else(|| QueryError::Invalid("list needs a kind".into()))?;
+/// The page size asked for (0: the default), refused past the maximum; a time range must not
+/// be empty.
+fn page_size(q: &ListQuery) -> Result<usize, QueryError> {
     let size = match q.page_size {
         0 => DEFAULT_PAGE_SIZE,
         n if n > MAX_PAGE_SIZE => {
@@ -300,31 +298,49 @@ pub fn list(state: &dyn StateRead, q: &ListQuery) -> Result<ListPage, QueryError
             return Err(QueryError::Invalid("empty time range".into()));
         }
     }
-    if q.order == Order::Name {
-        return list_by_name(state, q, kind, size);
-    }
-    let plan = plan(q, kind)?;
-    let check = token_check(&plan.prefix, q);
-    let end_all = keys::prefix_end(&plan.prefix).unwrap_or_else(|| vec![0xff; 64]);
-    // Newest first; a time range is a contiguous key range.
+    Ok(size)
+}
+
+/// The index keys a newest-first page scans: a time range is a contiguous key range, and a page
+/// token starts strictly after the last key of the previous page.
+fn newest_first_range(
+    q: &ListQuery,
+    prefix: &[u8],
+    check: u32,
+) -> Result<(Vec<u8>, Vec<u8>), QueryError> {
     let lo = match q.created_before_ms {
-        Some(b) => keys::meta_index(&plan.prefix, sort_key(b).saturating_add(1), 0, &NIL),
-        None => plan.prefix.clone(),
+        Some(b) => keys::meta_index(prefix, sort_key(b).saturating_add(1), 0, &NIL),
+        None => prefix.to_vec(),
     };
     let hi = match q.created_after_ms {
-        Some(a) => keys::meta_index(&plan.prefix, sort_key(a), u64::MAX, &[0xff; 16]),
-        None => end_all,
+        Some(a) => keys::meta_index(prefix, sort_key(a), u64::MAX, &[0xff; 16]),
+        None => keys::prefix_end(prefix).unwrap_or_else(|| vec![0xff; 64]),
     };
     let mut start = lo;
     if !q.page_token.is_empty() {
         let tail = decode_token(&q.page_token, check)?;
-        let mut k = plan.prefix.clone();
+        let mut k = prefix.to_vec();
         k.extend_from_slice(&tail);
         k.push(0); // strictly after
         if k > start {
             start = k;
         }
     }
+    Ok((start, hi))
+}
+
+/// Lists one page.
+pub fn list(state: &dyn StateRead, q: &ListQuery) -> Result<ListPage, QueryError> {
+    let kind = q
+        .kind
+        .ok_or_else(|| QueryError::Invalid("list needs a kind".into()))?;
+    let size = page_size(q)?;
+    if q.order == Order::Name {
+        return list_by_name(state, q, kind, size);
+    }
+    let plan = plan(q, kind)?;
+    let check = token_check(&plan.prefix, q);
+    let (mut start, hi) = newest_first_range(q, &plan.prefix, check)?;
     let total = read_count(state, &keys::meta_count(&plan.prefix))?;
     let mut records = Vec::with_capacity(size);
     let mut examined = 0usize;
