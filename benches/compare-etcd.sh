@@ -3,6 +3,8 @@
 # the same load from `metaraft bench`, and prints the ratios.
 #
 #   benches/compare-etcd.sh [seconds-per-run] [rounds]     (defaults 10 and 1)
+#   METARAFT_BIN=/path/to/metaraft benches/compare-etcd.sh ...  (another build, e.g. a previous
+#                                                                commit's, instead of this tree's)
 #
 # With several rounds the two systems alternate (metaraft, etcd, metaraft, etcd, ...) on fresh
 # data each time, and the summary gives each round's ratios and their median: on a shared VM the
@@ -39,8 +41,13 @@ if [ ${#etcd_pkgs[@]} -gt 0 ]; then
         $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true
     fi
 fi
-cargo build --release --bin metaraft >&2
-M="$CARGO_TARGET_DIR/release/metaraft"
+if [ -n "${METARAFT_BIN:-}" ]; then
+    [ -x "$METARAFT_BIN" ] || { echo "METARAFT_BIN=$METARAFT_BIN is not an executable" >&2; exit 2; }
+    M="$METARAFT_BIN"
+else
+    cargo build --release --bin metaraft >&2
+    M="$CARGO_TARGET_DIR/release/metaraft"
+fi
 WORK="$(mktemp -d /var/tmp/metaraft-vs-etcd.XXXXXX)"
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }

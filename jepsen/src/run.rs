@@ -80,47 +80,7 @@ pub struct Summary {
 }
 
 pub fn run(o: &RunOpts) -> Result<Summary> {
-    let mode = if o.loopback {
-        Mode::Loopback
-    } else {
-        Mode::Netns
-    };
-    if mode == Mode::Netns && !env::is_root() {
-        bail!(
-            "network namespaces need root; run as root, or pass --loopback for process-level \
-             faults only"
-        );
-    }
-    if mode == Mode::Loopback {
-        let net: Vec<String> = o
-            .nemesis
-            .iter()
-            .filter(|f| f.is_network())
-            .map(|f| f.name())
-            .collect();
-        if !net.is_empty() {
-            bail!(
-                "unsupported in loopback mode (needs root and network namespaces): {}",
-                net.join(", ")
-            );
-        }
-    }
-    if o.nodes < 3 || o.nodes > 9 {
-        bail!("--nodes must be between 3 and 9, got {}", o.nodes);
-    }
-    if o.clients == 0 || o.rate <= 0.0 {
-        bail!("--clients and --rate must be positive");
-    }
-    if !o.bin.exists() {
-        bail!(
-            "metaraft binary not found at {} (pass --bin)",
-            o.bin.display()
-        );
-    }
-    if o.out.exists() && std::fs::read_dir(&o.out)?.next().is_some() {
-        bail!("output directory {} is not empty", o.out.display());
-    }
-    std::fs::create_dir_all(&o.out)?;
+    let mode = check_opts(o)?;
     let features = Features {
         fiu: o.nemesis.contains(&Fault::FsyncFail),
         disk_mb: o.nemesis.contains(&Fault::DiskFull).then_some(256),
@@ -145,25 +105,7 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
     let kvs: Vec<_> = (0..addrs.len()).map(|i| client.kv_at(i)).collect();
     let mds: Vec<_> = (0..addrs.len()).map(|i| client.metadata_at(i)).collect();
 
-    // Wait until the cluster takes a write.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let c = client.clone();
-        let r = rt.block_on(async move {
-            c.put(metaraft::pb::PutRequest {
-                key: b"jepsen/ready".to_vec(),
-                value: b"1".to_vec(),
-                expected_revision: None,
-                request_id: String::new(),
-            })
-            .await
-        });
-        match r {
-            Ok(_) => break,
-            Err(e) if Instant::now() > deadline => bail!("cluster never became writable: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(300)),
-        }
-    }
+    wait_writable(&rt, &client)?;
 
     let artifact = if o.workload == Workload::Versions {
         let c = client.clone();
@@ -259,57 +201,14 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
     let timeline = o.out.join("timeline.json");
     std::fs::write(&timeline, serde_json::to_vec_pretty(&windows)?)?;
     let mut verdict = checker::check(o.workload, &events, o.check_budget)?;
-    if !finals_ok {
-        verdict
-            .anomalies
-            .push("final read never succeeded after healing".into());
-    }
-    match replicas_equal {
-        Some(false) => {
-            verdict.valid = Validity::Invalid;
-            verdict
-                .anomalies
-                .push("replica state hashes differ at one applied index".into());
-        }
-        None => {
-            verdict.valid = verdict.valid.and(Validity::Unknown);
-            verdict
-                .anomalies
-                .push("replicas did not converge to one applied index".into());
-        }
-        Some(true) => {}
-    }
-    match (o.with_backup, backup_restore_equal) {
-        (true, Some(false)) => {
-            verdict.valid = Validity::Invalid;
-            verdict.anomalies.push(
-                "the streamed backup, restored at the replicas' index, hashes differently".into(),
-            );
-        }
-        (true, None) => {
-            verdict.valid = verdict.valid.and(Validity::Unknown);
-            verdict.anomalies.push(
-                "the streamed backup could not be checked (see backup.log, restore.log)".into(),
-            );
-        }
-        _ => {}
-    }
-    let logs = {
-        let env = env.lock().unwrap_or_else(|p| p.into_inner());
-        LogReport::scan_files(
-            env.nodes
-                .iter()
-                .map(|n| (format!("n{}", n.id), n.log.as_path())),
-        )
-    };
-    if logs.panics > 0 {
-        verdict.valid = Validity::Invalid;
-        verdict.anomalies.push(format!(
-            "{} panics in the node logs, first: {}",
-            logs.panics,
-            logs.panic_examples.join(" | ")
-        ));
-    }
+    let logs = node_logs(&env);
+    amend(
+        &mut verdict,
+        finals_ok,
+        replicas_equal,
+        o.with_backup.then_some(backup_restore_equal),
+        &logs,
+    );
     let ops = history::pair(&events)?;
     let counts = history::counts(&ops)
         .into_iter()
@@ -365,6 +264,139 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
     let mut env = env.lock().unwrap_or_else(|p| p.into_inner());
     env.teardown();
     Ok(summary)
+}
+
+/// Refuses options the run cannot honour, before anything starts; the environment mode.
+fn check_opts(o: &RunOpts) -> Result<Mode> {
+    let mode = if o.loopback {
+        Mode::Loopback
+    } else {
+        Mode::Netns
+    };
+    if mode == Mode::Netns && !env::is_root() {
+        bail!(
+            "network namespaces need root; run as root, or pass --loopback for process-level \
+             faults only"
+        );
+    }
+    if mode == Mode::Loopback {
+        let net: Vec<String> = o
+            .nemesis
+            .iter()
+            .filter(|f| f.is_network())
+            .map(|f| f.name())
+            .collect();
+        if !net.is_empty() {
+            bail!(
+                "unsupported in loopback mode (needs root and network namespaces): {}",
+                net.join(", ")
+            );
+        }
+    }
+    if o.nodes < 3 || o.nodes > 9 {
+        bail!("--nodes must be between 3 and 9, got {}", o.nodes);
+    }
+    if o.clients == 0 || o.rate <= 0.0 {
+        bail!("--clients and --rate must be positive");
+    }
+    if !o.bin.exists() {
+        bail!(
+            "metaraft binary not found at {} (pass --bin)",
+            o.bin.display()
+        );
+    }
+    if o.out.exists() && std::fs::read_dir(&o.out)?.next().is_some() {
+        bail!("output directory {} is not empty", o.out.display());
+    }
+    std::fs::create_dir_all(&o.out)?;
+    Ok(mode)
+}
+
+/// Waits (up to a minute) until the cluster takes a write.
+fn wait_writable(rt: &tokio::runtime::Runtime, client: &Arc<Client>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = client.clone();
+        let r = rt.block_on(async move {
+            c.put(metaraft::pb::PutRequest {
+                key: b"jepsen/ready".to_vec(),
+                value: b"1".to_vec(),
+                expected_revision: None,
+                request_id: String::new(),
+            })
+            .await
+        });
+        match r {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => bail!("cluster never became writable: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
+    Ok(())
+}
+
+/// What the history checker cannot see: the final read, the replicas' state, the streamed
+/// backup (`None` when none was taken) and panics in the node logs.
+fn amend(
+    verdict: &mut checker::Verdict,
+    finals_ok: bool,
+    replicas_equal: Option<bool>,
+    backup_restore_equal: Option<Option<bool>>,
+    logs: &LogReport,
+) {
+    if !finals_ok {
+        verdict
+            .anomalies
+            .push("final read never succeeded after healing".into());
+    }
+    match replicas_equal {
+        Some(false) => {
+            verdict.valid = Validity::Invalid;
+            verdict
+                .anomalies
+                .push("replica state hashes differ at one applied index".into());
+        }
+        None => {
+            verdict.valid = verdict.valid.and(Validity::Unknown);
+            verdict
+                .anomalies
+                .push("replicas did not converge to one applied index".into());
+        }
+        Some(true) => {}
+    }
+    match backup_restore_equal {
+        Some(Some(false)) => {
+            verdict.valid = Validity::Invalid;
+            verdict.anomalies.push(
+                "the streamed backup, restored at the replicas' index, hashes differently".into(),
+            );
+        }
+        Some(None) => {
+            verdict.valid = verdict.valid.and(Validity::Unknown);
+            verdict.anomalies.push(
+                "the streamed backup could not be checked (see backup.log, restore.log)".into(),
+            );
+        }
+        _ => {}
+    }
+    if logs.panics > 0 {
+        verdict.valid = Validity::Invalid;
+        verdict.anomalies.push(format!(
+            "{} panics in the node logs, first: {}",
+            logs.panics,
+            logs.panic_examples.join(" | ")
+        ));
+    }
+}
+
+/// The nodes' logs, scanned.
+fn node_logs(env: &Mutex<Env>) -> LogReport {
+    let env = env.lock().unwrap_or_else(|p| p.into_inner());
+    LogReport::scan_files(
+        env.nodes
+            .iter()
+            .map(|n| (format!("n{}", n.id), n.log.as_path())),
+    )
 }
 
 /// `metaraft backup stream` into `<out>/backup`, from the clients' namespace.
