@@ -9,9 +9,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::status::ApiError;
+use crate::checkpoint_files::ListedFile;
 use crate::codec::encode;
 use crate::consensus::Consensus;
 use crate::pb;
+use crate::raft_types::SnapshotMeta;
 use crate::storage::{LogStore, StateMachineStore};
 
 /// Log entries read per round while tailing.
@@ -26,6 +28,44 @@ pub struct BackupApi {
 
 fn internal(e: impl std::fmt::Display) -> Status {
     ApiError::Internal(e.to_string()).into()
+}
+
+impl BackupApi {
+    /// What a base backup holds, announced before its files: the checkpoint's index, term,
+    /// membership, state hash and cluster id, and its files with their sizes and CRC32s.
+    async fn backup_header(
+        &self,
+        meta: &SnapshotMeta,
+        dir: &std::path::Path,
+        hash: u32,
+    ) -> Result<(pb::BackupHeader, Vec<ListedFile>), Status> {
+        let cluster_id = self.sm.cluster_id().map_err(ApiError::from)?;
+        let d = dir.to_path_buf();
+        let files = tokio::task::spawn_blocking(move || crate::checkpoint_files::list_files(&d))
+            .await
+            .map_err(internal)?
+            .map_err(|e| internal(format!("listing checkpoint: {e}")))?;
+        let last = meta.last_log_id;
+        let header = pb::BackupHeader {
+            applied_index: last.map(|l| l.index).unwrap_or(0),
+            applied_term: last.map(|l| l.leader_id.term).unwrap_or(0),
+            membership_json: serde_json::to_string(&meta.last_membership).unwrap_or_default(),
+            node_id: self.node.id(),
+            state_hash: hash,
+            total_bytes: files.iter().map(|f| f.size).sum(),
+            files: files
+                .iter()
+                .map(|f| pb::BackupFile {
+                    name: f.name.clone(),
+                    size: f.size,
+                    crc32: f.crc32,
+                })
+                .collect(),
+            snapshot_meta: encode(meta).map_err(internal)?,
+            cluster_id,
+        };
+        Ok((header, files))
+    }
 }
 
 #[tonic::async_trait]
@@ -43,38 +83,12 @@ impl pb::backup_server::Backup for BackupApi {
             .map_err(internal)?
             .map_err(ApiError::from)?;
         let sm = self.sm.clone();
-        let cluster_id = sm.cluster_id().map_err(ApiError::from)?;
-        let listed = {
-            let d = dir.clone();
-            tokio::task::spawn_blocking(move || crate::checkpoint_files::list_files(&d))
-                .await
-                .map_err(internal)?
-        };
-        let files = match listed {
-            Ok(f) => f,
+        let (header, files) = match self.backup_header(&meta, &dir, hash).await {
+            Ok(v) => v,
             Err(e) => {
                 sm.remove_backup_checkpoint(&dir);
-                return Err(internal(format!("listing checkpoint: {e}")));
+                return Err(e);
             }
-        };
-        let last = meta.last_log_id;
-        let header = pb::BackupHeader {
-            applied_index: last.map(|l| l.index).unwrap_or(0),
-            applied_term: last.map(|l| l.leader_id.term).unwrap_or(0),
-            membership_json: serde_json::to_string(&meta.last_membership).unwrap_or_default(),
-            node_id: self.node.id(),
-            state_hash: hash,
-            total_bytes: files.iter().map(|f| f.size).sum(),
-            files: files
-                .iter()
-                .map(|f| pb::BackupFile {
-                    name: f.name.clone(),
-                    size: f.size,
-                    crc32: f.crc32,
-                })
-                .collect(),
-            snapshot_meta: encode(&meta).map_err(internal)?,
-            cluster_id,
         };
         tracing::info!(
             index = header.applied_index,

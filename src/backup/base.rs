@@ -205,9 +205,16 @@ pub struct BaseWriter {
     finished: bool,
 }
 
-/// A refused chunk or file of the stream, named.
+/// A refused chunk or file of the stream, named; a local disk error stays one.
 fn stream_error(name: &str) -> impl FnOnce(ChunkError) -> BackupError + '_ {
-    move |e| BackupError::Stream(format!("{name}: {e}"))
+    move |e| match e {
+        ChunkError::Io { path, source } => BackupError::Io {
+            op: "write",
+            path,
+            source,
+        },
+        e => BackupError::Stream(format!("{name}: {e}")),
+    }
 }
 
 impl BaseWriter {

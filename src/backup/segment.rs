@@ -132,6 +132,8 @@ pub fn read_segment(
     let name_first = path
         .file_name()
         .and_then(|n| super::index_in_name(&n.to_string_lossy(), "seg-", ".log"))
+        // Log indexes start at 1: "seg-0..." names no segment (and `first - 1` below needs it).
+        .filter(|&first| first > 0)
         .ok_or_else(|| BackupError::Invalid {
             path: path.to_path_buf(),
             what: "not a segment file name (seg-<20 digits>.log)".into(),
@@ -508,5 +510,20 @@ mod tests {
         assert!(e.contains("gap") && e.contains("missing"), "{e}");
         // A base inside the gap bridges it.
         check_chain(&segs2, &[segs[2].first - 1]).unwrap();
+    }
+
+    #[test]
+    fn a_segment_named_for_index_zero_is_refused_not_a_panic() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, ..) = SegmentWriter::resume(d.path(), "c1", 1 << 20, Duration::ZERO).unwrap();
+        w.append(&rec(1)).unwrap();
+        drop(w);
+        let seg = scan_all(d.path(), "c1", false).unwrap().remove(0).path;
+        let zero = seg.with_file_name(format!("seg-{:020}.log", 0));
+        std::fs::rename(&seg, &zero).unwrap();
+        for torn_tail_ok in [false, true] {
+            let e = read_segment(&zero, "c1", torn_tail_ok, |_| Ok(())).unwrap_err();
+            assert!(e.to_string().contains("not a segment file name"), "{e}");
+        }
     }
 }

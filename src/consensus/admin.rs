@@ -123,10 +123,13 @@ impl Consensus {
                  it on its own with `metaraft dr promote` after losing the primary site)"
             )),
             Ok(false) => Ok(()),
-            Err(PeerError::Unreachable { .. }) => Err(format!(
+            Err(PeerError::Timeout { .. }) => Err(format!(
                 "cannot confirm node {id} is not a DR replica: no answer from {addr}"
             )),
-            Err(e) => Err(format!("cannot confirm node {id} is not a DR replica: {e}")),
+            Err(PeerError::Refused { message, .. }) => Err(format!(
+                "cannot confirm node {id} is not a DR replica: {message}"
+            )),
+            Err(e) => Err(e.to_string()),
         }
     }
 

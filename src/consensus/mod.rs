@@ -219,7 +219,7 @@ impl Consensus {
 
     /// Asks the serve loop to promote this DR replica (it restarts the node as a new lineage).
     pub fn request_promotion(&self) {
-        self.promote_requested.send_replace(true);
+        let _ = self.promote_requested.send(true);
     }
 
     /// Resolves once a promotion was requested.

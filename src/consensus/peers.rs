@@ -15,6 +15,8 @@ use crate::fsm::{Request, Response};
 pub enum PeerError {
     #[error("peer {addr} unreachable: {reason}")]
     Unreachable { addr: String, reason: String },
+    #[error("peer {addr} gave no answer within {after:?}")]
+    Timeout { addr: String, after: Duration },
     #[error("peer {addr} answered {code}: {message}")]
     Refused {
         addr: String,
@@ -54,7 +56,8 @@ pub trait Peers: Send + Sync + 'static {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<Forwarded<MembershipView>, PeerError>>;
 
-    /// Whether the member at `addr` runs as a DR replica.
+    /// Whether the member at `addr` runs as a DR replica. A status the member answers is
+    /// [`PeerError::Refused`] with its message.
     fn is_dr_replica<'a>(
         &'a self,
         addr: &'a str,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use openraft::async_runtime::WatchReceiver;
 use openraft::ReadPolicy;
 
-use super::{Consensus, ConsensusError, Forwarded};
+use super::{Consensus, ConsensusError, Forwarded, PeerError};
 use crate::fsm::meta::rbac::RbacIndex;
 use crate::storage::{SnapshotView, StateMachineStore, StorageError, StoredValue};
 
@@ -170,12 +170,16 @@ impl Consensus {
                 }
             } else {
                 let left = deadline.saturating_duration_since(Instant::now());
-                match self.peers.read_index(&addr, lease, left).await? {
-                    Forwarded::Ok(index) => Ok(index),
-                    Forwarded::NotLeader { .. } => Err(ConsensusError::NoLeader {
+                match self.peers.read_index(&addr, lease, left).await {
+                    Err(PeerError::Timeout { .. }) => {
+                        Err(ConsensusError::Timeout("read index from leader".into()))
+                    }
+                    Err(e) => Err(e.into()),
+                    Ok(Forwarded::Ok(index)) => Ok(index),
+                    Ok(Forwarded::NotLeader { .. }) => Err(ConsensusError::NoLeader {
                         leader: Some(leader),
                     }),
-                    Forwarded::Failed(m) => Err(ConsensusError::Fatal(m)),
+                    Ok(Forwarded::Failed(m)) => Err(ConsensusError::Fatal(m)),
                 }
             };
             match r {

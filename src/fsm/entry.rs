@@ -28,7 +28,7 @@ pub trait Staging {
 pub struct Applied {
     pub response: Response,
     /// The cluster id this entry set: the first membership entry derives it, the same on every
-    /// replica. The caller publishes it once the batch is written.
+    /// replica. The caller publishes it to whoever reads the lineage (storage does so at once).
     pub cluster_id: Option<String>,
 }
 

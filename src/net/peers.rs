@@ -56,9 +56,9 @@ impl Peers for PeerPool {
             let mut c = self.client(addr)?;
             let req = crate::pb::peer::ReadIndexRequest { lease };
             match tokio::time::timeout(timeout, c.read_index(req)).await {
-                Err(_) => Err(PeerError::Unreachable {
+                Err(_) => Err(PeerError::Timeout {
                     addr: addr.into(),
-                    reason: format!("no read index within {timeout:?}"),
+                    after: timeout,
                 }),
                 Ok(Ok(r)) => Ok(Forwarded::Ok(r.into_inner().index)),
                 // The wire's "not the leader" (see `PeerService::read_index`).
@@ -95,6 +95,22 @@ impl Peers for PeerPool {
         addr: &'a str,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<bool, PeerError>> {
-        async move { Ok(self.node_status(addr, false, timeout).await?.dr_replica) }.boxed()
+        async move {
+            let mut c = self.client(addr)?;
+            let req = crate::pb::peer::NodeStatusRequest { with_hash: false };
+            match tokio::time::timeout(timeout, c.node_status(req)).await {
+                Err(_) => Err(PeerError::Timeout {
+                    addr: addr.into(),
+                    after: timeout,
+                }),
+                Ok(Err(s)) => Err(PeerError::Refused {
+                    addr: addr.into(),
+                    code: format!("{:?}", s.code()),
+                    message: s.message().to_string(),
+                }),
+                Ok(Ok(r)) => Ok(r.into_inner().dr_replica),
+            }
+        }
+        .boxed()
     }
 }

@@ -166,9 +166,12 @@ where
         })?;
         let integrity = |name: &str| {
             let file = name.to_string();
-            move |e: ChunkError| ReceiveError::Integrity {
-                file,
-                reason: e.to_string(),
+            move |e: ChunkError| match e {
+                ChunkError::Io { path, source } => ReceiveError::Io { path, source },
+                e => ReceiveError::Integrity {
+                    file,
+                    reason: e.to_string(),
+                },
             }
         };
         let mut files = Vec::with_capacity(m.files.len());
