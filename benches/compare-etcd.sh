@@ -5,6 +5,9 @@
 #   benches/compare-etcd.sh [seconds-per-run] [rounds]     (defaults 10 and 1)
 #   METARAFT_BIN=/path/to/metaraft benches/compare-etcd.sh ...  (another build, e.g. a previous
 #                                                                commit's, instead of this tree's)
+#   BASELINE_BIN=/path/to/old/metaraft benches/compare-etcd.sh ...
+#       before/after a change: the other system is that metaraft build instead of etcd (same
+#       loads, alternating rounds, ratios and CPU per operation of this build over it)
 #
 # With several rounds the two systems alternate (metaraft, etcd, metaraft, etcd, ...) on fresh
 # data each time, and the summary gives each round's ratios and their median: on a shared VM the
@@ -28,8 +31,12 @@ case "$DUR$ROUNDS" in *[!0-9]*|"") echo "usage: $0 [seconds-per-run] [rounds] (w
 ROUND=1
 # etcd-server has the daemon only; etcdctl (the health check below) is in etcd-client.
 etcd_pkgs=()
-command -v etcd >/dev/null 2>&1 || etcd_pkgs+=(etcd-server)
-command -v etcdctl >/dev/null 2>&1 || etcd_pkgs+=(etcd-client)
+if [ -z "${BASELINE_BIN:-}" ]; then
+    command -v etcd >/dev/null 2>&1 || etcd_pkgs+=(etcd-server)
+    command -v etcdctl >/dev/null 2>&1 || etcd_pkgs+=(etcd-client)
+else
+    [ -x "$BASELINE_BIN" ] || { echo "BASELINE_BIN=$BASELINE_BIN is not an executable" >&2; exit 2; }
+fi
 if [ ${#etcd_pkgs[@]} -gt 0 ]; then
     echo "installing ${etcd_pkgs[*]}" >&2
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -56,10 +63,11 @@ trap cleanup EXIT
 MR_EPS="127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003"
 ETCD_EPS="127.0.0.1:12379,127.0.0.1:22379,127.0.0.1:32379"
 
-start_metaraft() {
+start_metaraft() { # [binary]
+    local bin="${1:-$M}"
     local members="1=127.0.0.1:17101,2=127.0.0.1:17102,3=127.0.0.1:17103"
     for i in 1 2 3; do
-        "$M" serve --node-id $i --client-addr 127.0.0.1:1700$i --peer-addr 127.0.0.1:1710$i \
+        "$bin" serve --node-id $i --client-addr 127.0.0.1:1700$i --peer-addr 127.0.0.1:1710$i \
             --ops-addr 127.0.0.1:1720$i --data-dir "$WORK/r$ROUND/mr$i" --initial-members "$members" \
             --log warn 2>"$WORK/mr$i.log" &
         PIDS+=($!)
@@ -106,7 +114,7 @@ server_cpu() {
     echo "$ticks $(getconf CLK_TCK)" | awk '{printf "%.3f", $1 / $2}'
 }
 
-run_loads() { # target eps
+run_loads() { # target eps label
     for l in "${LOADS[@]}"; do
         local name="${l%%|*}" rest="${l#*|}"
         local preload="${rest%%|*}" flags="${rest#*|}"
@@ -130,9 +138,10 @@ r = json.loads(sys.stdin.read())
 cpu = float(sys.argv[2]) - float(sys.argv[1])
 out = {"round": int(sys.argv[3]), "load": sys.argv[4]}
 out.update(r)
+out["target"] = sys.argv[5]
 out["server_cpu_s"] = round(cpu, 3)
 out["server_us_per_op"] = round(cpu / r["ok"] * 1e6, 1) if r["ok"] else None
-print(json.dumps(out))' "$cpu0" "$cpu1" "$ROUND" "$name" >>"$WORK/results.jsonl"
+print(json.dumps(out))' "$cpu0" "$cpu1" "$ROUND" "$name" "$3" >>"$WORK/results.jsonl"
         tail -1 "$WORK/results.jsonl" >&2
     done
 }
@@ -140,14 +149,22 @@ print(json.dumps(out))' "$cpu0" "$cpu1" "$ROUND" "$name" >>"$WORK/results.jsonl"
 for ROUND in $(seq 1 "$ROUNDS"); do
     mkdir -p "$WORK/r$ROUND"
     echo "== round $ROUND/$ROUNDS: metaraft (3 nodes, loopback, fsync on)" >&2
-    start_metaraft; run_loads metaraft "$MR_EPS"; stop_all
-    echo "== round $ROUND/$ROUNDS: etcd $(etcd --version | head -1 | awk '{print $3}') (3 members, loopback, fsync on)" >&2
-    start_etcd; run_loads etcd "$ETCD_EPS"; stop_all
+    start_metaraft; run_loads metaraft "$MR_EPS" metaraft; stop_all
+    if [ -n "${BASELINE_BIN:-}" ]; then
+        echo "== round $ROUND/$ROUNDS: baseline $BASELINE_BIN (3 nodes, loopback, fsync on)" >&2
+        start_metaraft "$BASELINE_BIN"; run_loads metaraft "$MR_EPS" baseline; stop_all
+    else
+        echo "== round $ROUND/$ROUNDS: etcd $(etcd --version | head -1 | awk '{print $3}') (3 members, loopback, fsync on)" >&2
+        start_etcd; run_loads etcd "$ETCD_EPS" etcd; stop_all
+    fi
 done
 
-python3 - "$WORK/results.jsonl" <<'PY'
+OTHER=etcd
+if [ -n "${BASELINE_BIN:-}" ]; then OTHER=baseline; fi
+python3 - "$WORK/results.jsonl" "$OTHER" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+other = sys.argv[2]
 by = {(r["round"], r["target"], r["load"]): r for r in rows}
 rounds = sorted({r["round"] for r in rows})
 loads = list(dict.fromkeys(r["load"] for r in rows))
@@ -156,17 +173,17 @@ cpu_ratios = {l: [] for l in loads}
 def us(r):
     v = r.get("server_us_per_op")
     return f"{v:.0f}" if v is not None else "-"
-print(f"{'round':<6} {'load':<12} {'metaraft ops/s':>15} {'etcd ops/s':>12} {'ratio':>7} {'mr p99 ms':>10} {'etcd p99 ms':>12} {'mr cpu us/op':>13} {'etcd cpu us/op':>15}")
+print(f"{'round':<6} {'load':<12} {'metaraft ops/s':>15} {other + ' ops/s':>14} {'ratio':>7} {'mr p99 ms':>10} {other + ' p99 ms':>15} {'mr cpu us/op':>13} {other + ' cpu us/op':>17}")
 for rd in rounds:
     for load in loads:
-        m, e = by.get((rd, "metaraft", load)), by.get((rd, "etcd", load))
+        m, e = by.get((rd, "metaraft", load)), by.get((rd, other, load))
         if not m or not e:
             continue
         ratio = m["ops_per_sec"] / e["ops_per_sec"] if e["ops_per_sec"] else float("inf")
         ratios[load].append(ratio)
         if m.get("server_us_per_op") and e.get("server_us_per_op"):
             cpu_ratios[load].append(e["server_us_per_op"] / m["server_us_per_op"])
-        print(f"{rd:<6} {load:<12} {m['ops_per_sec']:>15.0f} {e['ops_per_sec']:>12.0f} {ratio:>6.2f}x {m['p99_ms']:>10.2f} {e['p99_ms']:>12.2f} {us(m):>13} {us(e):>15}")
+        print(f"{rd:<6} {load:<12} {m['ops_per_sec']:>15.0f} {e['ops_per_sec']:>14.0f} {ratio:>6.2f}x {m['p99_ms']:>10.2f} {e['p99_ms']:>15.2f} {us(m):>13} {us(e):>17}")
 if len(rounds) > 1:
     print()
     print(f"median of {len(rounds)} rounds (lowest - highest):")
@@ -177,7 +194,7 @@ if len(rounds) > 1:
 c = {l: v for l, v in cpu_ratios.items() if v}
 if c:
     print()
-    print("server CPU per operation, etcd's over metaraft's (median, lowest - highest):")
+    print(f"server CPU per operation, {other}'s over metaraft's (median, lowest - highest):")
     for load, r in c.items():
         print(f"  {load:<12} {statistics.median(r):>5.2f}x  ({min(r):.2f}x - {max(r):.2f}x)")
 PY
