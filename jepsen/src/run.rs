@@ -81,19 +81,7 @@ pub struct Summary {
 
 pub fn run(o: &RunOpts) -> Result<Summary> {
     let mode = check_opts(o)?;
-    let features = Features {
-        fiu: o.nemesis.contains(&Fault::FsyncFail),
-        disk_mb: o.nemesis.contains(&Fault::DiskFull).then_some(256),
-        delay_proxy: o.nemesis.contains(&Fault::Delay),
-    };
-    let mut env = Env::create(mode, o.nodes, 0, &o.out, &o.bin, features)?;
-    if mode == Mode::Netns {
-        // Before any thread exists: every client connection then starts inside the namespaces.
-        env::enter_client_ns()?;
-    }
-    for i in 0..o.nodes {
-        env.spawn(i)?;
-    }
+    let env = start_nodes(o, mode)?;
     let addrs: Vec<String> = env.nodes.iter().map(|n| n.client_addr.clone()).collect();
     let env = Arc::new(Mutex::new(env));
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -107,19 +95,11 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
 
     wait_writable(&rt, &client)?;
 
-    let artifact = if o.workload == Workload::Versions {
-        let c = client.clone();
-        rt.block_on(async move { workload::setup_versions(&c).await })
-            .map_err(|e| anyhow::anyhow!("versions workload setup: {e}"))?
-    } else {
-        String::new()
-    };
-
-    let backup = if o.with_backup {
-        Some(start_backup_stream(o, &addrs)?)
-    } else {
-        None
-    };
+    let artifact = versions_artifact(o, &rt, &client)?;
+    let backup = o
+        .with_backup
+        .then(|| start_backup_stream(o, &addrs))
+        .transpose()?;
 
     let t0 = Instant::now();
     let file = std::fs::File::create(o.out.join("history.jsonl"))?;
@@ -136,14 +116,8 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
     });
     let tasks: Vec<_> = (0..o.clients)
         .map(|i| {
-            rt.spawn(workload::client_loop(
-                cfg.clone(),
-                rec.clone(),
-                kvs.clone(),
-                mds.clone(),
-                i,
-                until,
-            ))
+            let (cfg, rec, kvs, mds) = (cfg.clone(), rec.clone(), kvs.clone(), mds.clone());
+            rt.spawn(workload::client_loop(cfg, rec, kvs, mds, i, until))
         })
         .collect();
     let mut nemesis = Nemesis::new(
@@ -180,23 +154,13 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
         Duration::from_secs(60),
     ));
     let replicas_equal = converged.map(|(eq, _, _)| eq);
-    let backup_restore_equal = match (backup, converged) {
-        (Some(child), Some((true, idx, hash))) => Some(check_backup(o, child, idx, hash)),
-        (Some(mut child), _) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            None
-        }
-        (None, _) => None,
-    };
+    let backup_restore_equal = backup.and_then(|child| backup_verdict(o, child, converged));
 
     let events = rec.finish()?;
     let mut windows = windows;
-    {
-        let ops = history::pair(&events)?;
-        for w in &mut windows {
-            w.stall_after_heal_ms = Some(write_stall_ms(&ops, w.end_ns));
-        }
+    let ops = history::pair(&events)?;
+    for w in &mut windows {
+        w.stall_after_heal_ms = Some(write_stall_ms(&ops, w.end_ns));
     }
     let timeline = o.out.join("timeline.json");
     std::fs::write(&timeline, serde_json::to_vec_pretty(&windows)?)?;
@@ -209,40 +173,12 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
         o.with_backup.then_some(backup_restore_equal),
         &logs,
     );
-    let ops = history::pair(&events)?;
-    let counts = history::counts(&ops)
-        .into_iter()
-        .map(|(k, c)| {
-            (
-                k,
-                Counts {
-                    ok: c[0],
-                    fail: c[1],
-                    info: c[2],
-                },
-            )
-        })
-        .collect();
-    let title = format!(
-        "{} · {} nodes · {} · seed {}",
-        o.workload,
-        o.nodes,
-        o.nemesis
-            .iter()
-            .map(|f| f.name())
-            .collect::<Vec<_>>()
-            .join(","),
-        o.seed
-    );
-    std::fs::write(
-        o.out.join("latency.svg"),
-        plot::latency_svg(&ops, &windows, &title),
-    )?;
+    write_plot(o, &ops, &windows)?;
     let summary = Summary {
         valid: verdict.valid,
         workload: o.workload,
         anomalies: verdict.anomalies,
-        counts,
+        counts: counts_by_operation(&ops),
         mode: format!("{mode:?}").to_lowercase(),
         nodes: o.nodes,
         clients: o.clients,
@@ -264,6 +200,93 @@ pub fn run(o: &RunOpts) -> Result<Summary> {
     let mut env = env.lock().unwrap_or_else(|p| p.into_inner());
     env.teardown();
     Ok(summary)
+}
+
+/// The versions workload's shared artifact (created once, before the clients start); "" for
+/// the other workloads.
+fn versions_artifact(
+    o: &RunOpts,
+    rt: &tokio::runtime::Runtime,
+    client: &Arc<Client>,
+) -> Result<String> {
+    if o.workload != Workload::Versions {
+        return Ok(String::new());
+    }
+    let c = client.clone();
+    rt.block_on(async move { workload::setup_versions(&c).await })
+        .map_err(|e| anyhow::anyhow!("versions workload setup: {e}"))
+}
+
+/// Creates the environment and starts every node.
+fn start_nodes(o: &RunOpts, mode: Mode) -> Result<Env> {
+    let features = Features {
+        fiu: o.nemesis.contains(&Fault::FsyncFail),
+        disk_mb: o.nemesis.contains(&Fault::DiskFull).then_some(256),
+        delay_proxy: o.nemesis.contains(&Fault::Delay),
+    };
+    let mut env = Env::create(mode, o.nodes, 0, &o.out, &o.bin, features)?;
+    if mode == Mode::Netns {
+        // Before any thread exists: every client connection then starts inside the namespaces.
+        env::enter_client_ns()?;
+    }
+    for i in 0..o.nodes {
+        env.spawn(i)?;
+    }
+    Ok(env)
+}
+
+/// Whether the streamed backup, restored at the replicas' converged index, hashes like them;
+/// None (and the stream stopped) when the replicas did not converge to equal state.
+fn backup_verdict(
+    o: &RunOpts,
+    mut child: std::process::Child,
+    converged: Option<(bool, u64, u64)>,
+) -> Option<bool> {
+    match converged {
+        Some((true, idx, hash)) => Some(check_backup(o, child, idx, hash)),
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            None
+        }
+    }
+}
+
+/// ok / fail / info counts per operation.
+fn counts_by_operation(ops: &[history::Op]) -> BTreeMap<String, Counts> {
+    history::counts(ops)
+        .into_iter()
+        .map(|(k, c)| {
+            (
+                k,
+                Counts {
+                    ok: c[0],
+                    fail: c[1],
+                    info: c[2],
+                },
+            )
+        })
+        .collect()
+}
+
+/// latency.svg: every operation's latency over time, fault windows shaded.
+fn write_plot(o: &RunOpts, ops: &[history::Op], windows: &[crate::nemesis::Window]) -> Result<()> {
+    let title = format!(
+        "{} · {} nodes · {} · seed {}",
+        o.workload,
+        o.nodes,
+        o.nemesis
+            .iter()
+            .map(|f| f.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        o.seed
+    );
+    std::fs::write(
+        o.out.join("latency.svg"),
+        plot::latency_svg(ops, windows, &title),
+    )?;
+    Ok(())
 }
 
 /// Refuses options the run cannot honour, before anything starts; the environment mode.

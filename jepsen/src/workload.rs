@@ -147,6 +147,21 @@ async fn perform<T>(
     rec.record(c).kind
 }
 
+/// One client's state across its operations.
+struct ClientState {
+    rng: StdRng,
+    /// The process id its operations are recorded under (a new one after an unknown outcome).
+    process: u64,
+    /// The node it talks to (the next one after an error).
+    node: usize,
+    /// Its index among the clients.
+    index: u64,
+    /// Values it added so far (set and versions workloads).
+    counter: i64,
+    /// The highest revision it saw (session workload).
+    last_seen: u64,
+}
+
 /// One client: runs operations against its node until `until`, moving to the next node after
 /// an error.
 pub async fn client_loop(
@@ -157,186 +172,237 @@ pub async fn client_loop(
     index: u64,
     until: Instant,
 ) {
-    let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(index));
-    let mut process = index;
-    let mut node = (index as usize) % kvs.len();
-    let mut counter: i64 = 0;
-    let mut last_seen: u64 = 0;
+    let mut st = ClientState {
+        rng: StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(index)),
+        process: index,
+        node: (index as usize) % kvs.len(),
+        index,
+        counter: 0,
+        last_seen: 0,
+    };
     while Instant::now() < until {
-        let mut kv = kvs[node].clone();
-        let key_no = rng.gen_range(0..cfg.keys);
-        let t = cfg.op_timeout;
-        let n = node as u64 + 1;
+        let kv = kvs[st.node].clone();
+        let key_no = st.rng.gen_range(0..cfg.keys);
         let outcome = match cfg.workload {
-            Workload::Register => {
-                let key = format!("reg/{key_no}");
-                match rng.gen_range(0..4) {
-                    0 | 1 => {
-                        let inv = invoke(process, F::Read, Some(&key), n);
-                        let get = kv.get(pb::GetRequest {
-                            key: key.into_bytes(),
-                            read: read_opts(pb::Consistency::Linearizable, 0),
-                        });
-                        perform(&rec, inv, t, false, get, |c, r| {
-                            c.value = r.kv.as_ref().and_then(parse_value);
-                            c.index = Some(r.applied_index);
-                            Kind::Ok
-                        })
-                        .await
-                    }
-                    2 => {
-                        let v = rng.gen_range(0..5);
-                        let mut inv = invoke(process, F::Write, Some(&key), n);
-                        inv.value = Some(v);
-                        let put = kv.put(put_req(&key, v.to_string(), new_request_id()));
-                        perform(&rec, inv, t, true, put, |c, r| {
-                            c.revision = Some(r.revision);
-                            Kind::Ok
-                        })
-                        .await
-                    }
-                    _ => {
-                        let (old, new) = (rng.gen_range(0..5), rng.gen_range(0..5));
-                        let mut inv = invoke(process, F::Cas, Some(&key), n);
-                        inv.expected = Some(old);
-                        inv.value = Some(new);
-                        let txn = kv.txn(pb::TxnRequest {
-                            compares: vec![pb::Compare {
-                                key: key.clone().into_bytes(),
-                                target: Some(pb::compare::Target::Value(
-                                    old.to_string().into_bytes(),
-                                )),
-                            }],
-                            success: vec![pb::TxnOp {
-                                op: Some(pb::txn_op::Op::Put(pb::PutOp {
-                                    key: key.into_bytes(),
-                                    value: new.to_string().into_bytes(),
-                                })),
-                            }],
-                            failure: vec![],
-                            request_id: new_request_id(),
-                        });
-                        perform(&rec, inv, t, true, txn, |c, r| {
-                            if r.succeeded {
-                                c.revision = Some(r.revision);
-                                Kind::Ok
-                            } else {
-                                // The compare did not hold: certainly not applied.
-                                c.error = Some("compare failed".into());
-                                Kind::Fail
-                            }
-                        })
-                        .await
-                    }
-                }
-            }
-            Workload::Set => {
-                counter += 1;
-                let v = index as i64 * 10_000_000 + counter;
-                let mut inv = invoke(process, F::Add, None, n);
-                inv.value = Some(v);
-                let key = format!("set/{v:016}");
-                let put = kv.put(put_req(&key, v.to_string(), new_request_id()));
-                perform(&rec, inv, t, true, put, |c, r| {
-                    c.revision = Some(r.revision);
-                    Kind::Ok
-                })
-                .await
-            }
-            Workload::Session => {
-                let key = format!("sess/{key_no}");
-                let choice = rng.gen_range(0..5);
-                if choice < 2 {
-                    let v = rng.gen_range(0..1000);
-                    let mut inv = invoke(process, F::Write, Some(&key), n);
-                    inv.value = Some(v);
-                    let put = kv.put(put_req(&key, v.to_string(), new_request_id()));
-                    let mut rev = None;
-                    let k = perform(&rec, inv, t, true, put, |c, r| {
-                        c.revision = Some(r.revision);
-                        rev = Some(r.revision);
-                        Kind::Ok
-                    })
-                    .await;
-                    last_seen = last_seen.max(rev.unwrap_or(0));
-                    k
-                } else {
-                    let (f, consistency, min) = if choice < 4 {
-                        (F::SessionRead, pb::Consistency::Session, last_seen)
-                    } else {
-                        (F::StaleRead, pb::Consistency::Stale, 0)
-                    };
-                    let mut inv = invoke(process, f, Some(&key), n);
-                    inv.index = Some(min);
-                    let get = kv.get(pb::GetRequest {
-                        key: key.into_bytes(),
-                        read: read_opts(consistency, min),
-                    });
-                    let mut served = None;
-                    let k = perform(&rec, inv, t, false, get, |c, r| {
-                        c.index = Some(r.applied_index);
-                        c.revision = Some(r.kv.as_ref().map(|k| k.mod_revision).unwrap_or(0));
-                        c.value = r.kv.as_ref().and_then(parse_value);
-                        served = Some(r.applied_index);
-                        Kind::Ok
-                    })
-                    .await;
-                    if f == F::SessionRead {
-                        last_seen = last_seen.max(served.unwrap_or(0));
-                    }
-                    k
-                }
-            }
-            Workload::Versions => {
-                counter += 1;
-                let v = index as i64 * 10_000_000 + counter;
-                let mut inv = invoke(process, F::AddVersion, None, n);
-                inv.value = Some(v);
-                let mut md = mds[node].clone();
-                let create = md.create(version_req(&cfg.artifact, v));
-                perform(&rec, inv, t, true, create, |c, r| {
-                    c.revision = Some(r.revision);
-                    c.version = match r.resource.and_then(|r| r.spec) {
-                        Some(pb::resource::Spec::ArtifactVersion(s)) => Some(s.number),
-                        _ => None,
-                    };
-                    Kind::Ok
-                })
-                .await
-            }
-            Workload::Idempotent => {
-                let id = new_request_id();
-                let mut last = Kind::Info;
-                for attempt in 0..5u64 {
-                    let at = (node + attempt as usize) % kvs.len();
-                    let mut inv =
-                        invoke(process, F::IdemWrite, Some("idem/counter"), at as u64 + 1);
-                    inv.request_id = Some(id.clone());
-                    let mut kv = kvs[at].clone();
-                    let put = kv.put(put_req("idem/counter", id.clone(), id.clone()));
-                    last = perform(&rec, inv, t, true, put, |c, r| {
-                        c.revision = Some(r.revision);
-                        Kind::Ok
-                    })
-                    .await;
-                    if last != Kind::Info || Instant::now() >= until {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                last
-            }
+            Workload::Register => register_op(&cfg, &rec, kv, &mut st, key_no).await,
+            Workload::Set => set_op(&cfg, &rec, kv, &mut st).await,
+            Workload::Session => session_op(&cfg, &rec, kv, &mut st, key_no).await,
+            Workload::Versions => version_op(&cfg, &rec, &mds, &mut st).await,
+            Workload::Idempotent => idempotent_op(&cfg, &rec, &kvs, &mut st, until).await,
         };
         if outcome != Kind::Ok {
-            node = (node + 1) % kvs.len();
+            st.node = (st.node + 1) % kvs.len();
         }
         if outcome == Kind::Info && cfg.workload == Workload::Register {
             // An operation with unknown outcome never ends, as in Jepsen: the client continues
             // as a new process.
-            process += cfg.clients;
+            st.process += cfg.clients;
         }
         tokio::time::sleep(cfg.delay).await;
     }
+}
+
+/// Register: a linearizable read, a write or a compare-and-set of one of a few keys.
+async fn register_op(
+    cfg: &ClientCfg,
+    rec: &Recorder,
+    mut kv: KvClient<Channel>,
+    st: &mut ClientState,
+    key_no: u64,
+) -> Kind {
+    let (t, n) = (cfg.op_timeout, st.node as u64 + 1);
+    let key = format!("reg/{key_no}");
+    match st.rng.gen_range(0..4) {
+        0 | 1 => {
+            let inv = invoke(st.process, F::Read, Some(&key), n);
+            let get = kv.get(pb::GetRequest {
+                key: key.into_bytes(),
+                read: read_opts(pb::Consistency::Linearizable, 0),
+            });
+            perform(rec, inv, t, false, get, |c, r| {
+                c.value = r.kv.as_ref().and_then(parse_value);
+                c.index = Some(r.applied_index);
+                Kind::Ok
+            })
+            .await
+        }
+        2 => {
+            let v = st.rng.gen_range(0..5);
+            let mut inv = invoke(st.process, F::Write, Some(&key), n);
+            inv.value = Some(v);
+            let put = kv.put(put_req(&key, v.to_string(), new_request_id()));
+            perform(rec, inv, t, true, put, |c, r| {
+                c.revision = Some(r.revision);
+                Kind::Ok
+            })
+            .await
+        }
+        _ => {
+            let (old, new) = (st.rng.gen_range(0..5), st.rng.gen_range(0..5));
+            let mut inv = invoke(st.process, F::Cas, Some(&key), n);
+            inv.expected = Some(old);
+            inv.value = Some(new);
+            let txn = kv.txn(pb::TxnRequest {
+                compares: vec![pb::Compare {
+                    key: key.clone().into_bytes(),
+                    target: Some(pb::compare::Target::Value(old.to_string().into_bytes())),
+                }],
+                success: vec![pb::TxnOp {
+                    op: Some(pb::txn_op::Op::Put(pb::PutOp {
+                        key: key.into_bytes(),
+                        value: new.to_string().into_bytes(),
+                    })),
+                }],
+                failure: vec![],
+                request_id: new_request_id(),
+            });
+            perform(rec, inv, t, true, txn, |c, r| {
+                if r.succeeded {
+                    c.revision = Some(r.revision);
+                    Kind::Ok
+                } else {
+                    // The compare did not hold: certainly not applied.
+                    c.error = Some("compare failed".into());
+                    Kind::Fail
+                }
+            })
+            .await
+        }
+    }
+}
+
+/// Set: adds a unique value, each under its own key.
+async fn set_op(
+    cfg: &ClientCfg,
+    rec: &Recorder,
+    mut kv: KvClient<Channel>,
+    st: &mut ClientState,
+) -> Kind {
+    let (t, n) = (cfg.op_timeout, st.node as u64 + 1);
+    st.counter += 1;
+    let v = st.index as i64 * 10_000_000 + st.counter;
+    let mut inv = invoke(st.process, F::Add, None, n);
+    inv.value = Some(v);
+    let key = format!("set/{v:016}");
+    let put = kv.put(put_req(&key, v.to_string(), new_request_id()));
+    perform(rec, inv, t, true, put, |c, r| {
+        c.revision = Some(r.revision);
+        Kind::Ok
+    })
+    .await
+}
+
+/// Session: writes, session reads at the highest revision seen, and stale reads.
+async fn session_op(
+    cfg: &ClientCfg,
+    rec: &Recorder,
+    mut kv: KvClient<Channel>,
+    st: &mut ClientState,
+    key_no: u64,
+) -> Kind {
+    let (t, n) = (cfg.op_timeout, st.node as u64 + 1);
+    let key = format!("sess/{key_no}");
+    let choice = st.rng.gen_range(0..5);
+    if choice < 2 {
+        let v = st.rng.gen_range(0..1000);
+        let mut inv = invoke(st.process, F::Write, Some(&key), n);
+        inv.value = Some(v);
+        let put = kv.put(put_req(&key, v.to_string(), new_request_id()));
+        let mut rev = None;
+        let k = perform(rec, inv, t, true, put, |c, r| {
+            c.revision = Some(r.revision);
+            rev = Some(r.revision);
+            Kind::Ok
+        })
+        .await;
+        st.last_seen = st.last_seen.max(rev.unwrap_or(0));
+        k
+    } else {
+        let (f, consistency, min) = if choice < 4 {
+            (F::SessionRead, pb::Consistency::Session, st.last_seen)
+        } else {
+            (F::StaleRead, pb::Consistency::Stale, 0)
+        };
+        let mut inv = invoke(st.process, f, Some(&key), n);
+        inv.index = Some(min);
+        let get = kv.get(pb::GetRequest {
+            key: key.into_bytes(),
+            read: read_opts(consistency, min),
+        });
+        let mut served = None;
+        let k = perform(rec, inv, t, false, get, |c, r| {
+            c.index = Some(r.applied_index);
+            c.revision = Some(r.kv.as_ref().map(|k| k.mod_revision).unwrap_or(0));
+            c.value = r.kv.as_ref().and_then(parse_value);
+            served = Some(r.applied_index);
+            Kind::Ok
+        })
+        .await;
+        if f == F::SessionRead {
+            st.last_seen = st.last_seen.max(served.unwrap_or(0));
+        }
+        k
+    }
+}
+
+/// Versions: adds a version to the shared artifact.
+async fn version_op(
+    cfg: &ClientCfg,
+    rec: &Recorder,
+    mds: &[MetadataClient<Channel>],
+    st: &mut ClientState,
+) -> Kind {
+    let (t, n) = (cfg.op_timeout, st.node as u64 + 1);
+    st.counter += 1;
+    let v = st.index as i64 * 10_000_000 + st.counter;
+    let mut inv = invoke(st.process, F::AddVersion, None, n);
+    inv.value = Some(v);
+    let mut md = mds[st.node].clone();
+    let create = md.create(version_req(&cfg.artifact, v));
+    perform(rec, inv, t, true, create, |c, r| {
+        c.revision = Some(r.revision);
+        c.version = match r.resource.and_then(|r| r.spec) {
+            Some(pb::resource::Spec::ArtifactVersion(s)) => Some(s.number),
+            _ => None,
+        };
+        Kind::Ok
+    })
+    .await
+}
+
+/// Idempotent: one write retried with its request id on the next nodes until it has an answer.
+async fn idempotent_op(
+    cfg: &ClientCfg,
+    rec: &Recorder,
+    kvs: &[KvClient<Channel>],
+    st: &mut ClientState,
+    until: Instant,
+) -> Kind {
+    let t = cfg.op_timeout;
+    let id = new_request_id();
+    let mut last = Kind::Info;
+    for attempt in 0..5u64 {
+        let at = (st.node + attempt as usize) % kvs.len();
+        let mut inv = invoke(
+            st.process,
+            F::IdemWrite,
+            Some("idem/counter"),
+            at as u64 + 1,
+        );
+        inv.request_id = Some(id.clone());
+        let mut kv = kvs[at].clone();
+        let put = kv.put(put_req("idem/counter", id.clone(), id.clone()));
+        last = perform(rec, inv, t, true, put, |c, r| {
+            c.revision = Some(r.revision);
+            Kind::Ok
+        })
+        .await;
+        if last != Kind::Info || Instant::now() >= until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
 }
 
 /// A create of one artifact version tagged with `v` (in its uri), with a fresh request id.
