@@ -7,16 +7,19 @@
 //! - Peer port: mutual TLS. Every node presents its certificate on both ends of a peer
 //!   connection, and each end verifies the other against the CA. A peer is checked against the
 //!   host part of the address it is dialled at (a DNS name or an IP address in the certificate's
-//!   subject alternative names). With `tls.peer_names`, a connecting peer's certificate must
-//!   also be valid for one of those names, so a CA that signs other services' certificates
-//!   too does not make those services members.
+//!   subject alternative names). With `tls.peer_names`, a peer's certificate must also be
+//!   valid for one of those names, on both ends: a connecting peer's, and the one of every
+//!   member or learner this node dials. So a CA that signs other services' certificates too
+//!   neither makes those services members nor lets a membership change point replication at
+//!   them.
 //!
 //! ring is the one crypto provider, passed explicitly: nothing depends on a process-wide default.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -142,18 +145,78 @@ impl ClientCertVerifier for AllowedNames {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        if self
-            .names
-            .iter()
-            .any(|n| rustls::client::verify_server_name(&cert, n).is_ok())
-        {
-            Ok(verified)
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName,
-            ))
-        }
+        valid_for_one_of(end_entity, &self.names)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Whether `cert` is valid for one of `names` (subject alternative names, DNS or IP address; a
+/// wildcard certificate counts).
+fn valid_for_one_of(
+    cert: &CertificateDer<'_>,
+    names: &[ServerName<'static>],
+) -> Result<(), rustls::Error> {
+    let cert = ParsedCertificate::try_from(cert)?;
+    if names
+        .iter()
+        .any(|n| rustls::client::verify_server_name(&cert, n).is_ok())
+    {
+        Ok(())
+    } else {
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName,
+        ))
+    }
+}
+
+/// Accepts the certificate of a dialled member when `inner` does (the CA, the name it was
+/// dialled at) and it is also valid for one of `names`: the dialling side of `tls.peer_names`.
+#[derive(Debug)]
+struct AllowedServerNames {
+    inner: Arc<WebPkiServerVerifier>,
+    names: Vec<ServerName<'static>>,
+}
+
+impl ServerCertVerifier for AllowedServerNames {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        valid_for_one_of(end_entity, &self.names)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -231,10 +294,32 @@ pub fn client_config(
     roots: Arc<RootCertStore>,
     identity: Option<(&Path, &Path)>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    dialer_config(roots, identity, &[])
+}
+
+/// [`client_config`] whose servers' certificates must also be valid for one of `allowed`
+/// (when not empty): the peer dialer with `tls.peer_names`.
+fn dialer_config(
+    roots: Arc<RootCertStore>,
+    identity: Option<(&Path, &Path)>,
+    allowed: &[ServerName<'static>],
+) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(config_err)?
-        .with_root_certificates(roots);
+        .map_err(config_err)?;
+    let builder = if allowed.is_empty() {
+        builder.with_root_certificates(roots)
+    } else {
+        let inner = WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(config_err)?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AllowedServerNames {
+                inner,
+                names: allowed.to_vec(),
+            }))
+    };
     let mut cfg = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => builder
@@ -303,14 +388,14 @@ fn build(
     Ok((
         server_config(files, client_roots, &[])?,
         server_config(files, Some(roots.clone()), peer_names)?,
-        client_config(roots, Some((&files.cert_file, &files.key_file)))?,
+        dialer_config(roots, Some((&files.cert_file, &files.key_file)), peer_names)?,
     ))
 }
 
 impl NodeTls {
     /// Loads and checks every file once, so a bad file stops the node before it binds anything.
-    /// `peer_names` (`tls.peer_names`): when not empty, the peer port accepts only certificates
-    /// valid for one of them.
+    /// `peer_names` (`tls.peer_names`): when not empty, the peer port accepts, and the peer
+    /// dialer trusts, only certificates valid for one of them.
     pub fn load(
         files: &TlsFiles,
         client_auth: bool,
@@ -529,6 +614,43 @@ mod tests {
             e,
             rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
         );
+    }
+
+    #[test]
+    fn the_peer_dialer_trusts_only_members_named_in_peer_names() {
+        let now = UnixTime::now();
+        let (roots, member) = ca_and_leaf_for(&["metaraft-1.metaraft.ns.svc", "10.0.0.7"]);
+        let (_, other) = ca_and_leaf_for(&["x"]);
+        let dialer = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            AllowedServerNames {
+                inner: WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+                    .build()
+                    .expect("verifier"),
+                names: peer_names(&names).expect("names"),
+            }
+        };
+        let at = server_name("10.0.0.7").expect("name");
+        dialer(&["metaraft-0.metaraft.ns.svc", "metaraft-1.metaraft.ns.svc"])
+            .verify_server_cert(&member, &[], &at, &[], now)
+            .expect("a member dialled at an address its certificate carries");
+        // Signed by the CA and valid for the address dialled, but named for something else: a
+        // learner added at that address is not trusted.
+        let e = dialer(&["metaraft-0.metaraft.ns.svc"])
+            .verify_server_cert(&member, &[], &at, &[], now)
+            .expect_err("not a member name");
+        assert_eq!(
+            e,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+        );
+        // The dialled name is still checked, and the CA: another CA's certificate is refused.
+        let wrong = server_name("10.0.0.8").expect("name");
+        assert!(dialer(&["metaraft-1.metaraft.ns.svc"])
+            .verify_server_cert(&member, &[], &wrong, &[], now)
+            .is_err());
+        assert!(dialer(&["x"])
+            .verify_server_cert(&other, &[], &server_name("x").expect("name"), &[], now)
+            .is_err());
     }
 
     #[test]
