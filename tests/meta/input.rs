@@ -9,6 +9,7 @@ async fn m03_bad_input_gets_clear_errors_and_retries_apply_once() {
     c.wait_for_leader(Duration::from_secs(20)).await;
     let client = c.client();
     let (org, alice, _, p) = tree(&client).await;
+    replayed_api_key_creation_is_refused_not_given_a_dead_secret(&client, &org).await;
     let mut md = client.metadata_at(1);
     let get = |id: &str| pb::GetResourceRequest {
         key: Some(pb::get_resource_request::Key::Id(id.into())),
@@ -406,4 +407,45 @@ async fn m04_cli_manages_resources_and_roles_and_refuses_bad_input() {
     }
     let (_, out, _) = cli(&c, &["meta", "list", "pipeline", "--parent", &ws]);
     assert!(out.trim().is_empty(), "nothing was created: {out}");
+}
+
+/// A CreateApiKey retried with its request id (its answer lost, say) must not return a new
+/// secret whose hash was never stored: the retry is refused, saying why, and the key the first
+/// call made still verifies with the first secret.
+async fn replayed_api_key_creation_is_refused_not_given_a_dead_secret(c: &Client, org: &str) {
+    let sa = create(
+        c,
+        org,
+        "pipeline-bot",
+        "",
+        S::User(pb::UserSpec {
+            active: true,
+            service_account: true,
+            ..Default::default()
+        }),
+    )
+    .await
+    .id;
+    let req = pb::CreateApiKeyRequest {
+        service_account_id: sa.clone(),
+        key_id: "k1".into(),
+        grace_ms: 0,
+        request_id: "create-k1-once".into(),
+    };
+    let first = c.create_api_key(req.clone()).await.expect("first creation");
+    let e = c
+        .create_api_key(req)
+        .await
+        .expect_err("a replayed creation");
+    assert!(e.to_string().contains("never stored"), "{e}");
+    assert_eq!(code_of(e), Code::AlreadyExists);
+    let v = c
+        .verify_api_key(pb::VerifyApiKeyRequest {
+            secret: first.secret,
+            read: linearizable(),
+        })
+        .await
+        .expect("verify");
+    assert!(v.valid, "the first secret verifies");
+    assert_eq!(v.service_account.map(|r| r.id), Some(sa));
 }

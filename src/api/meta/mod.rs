@@ -22,6 +22,32 @@ use crate::pb::identity_server::Identity;
 use crate::pb::metadata_server::Metadata;
 use crate::pb::rbac_server::Rbac;
 
+/// A CreateApiKey retried with the request id of one that was applied gets the first call's
+/// record back, whose key is not the secret this call made: answering with it would hand out
+/// a secret that never works. The first call's secret is never stored, so it cannot be shown
+/// again; the caller is told so (its key stays valid if that first answer arrived).
+fn refuse_replayed_key(
+    rec: &crate::fsm::meta::Record,
+    key_id: &str,
+    made: &[u8; 32],
+    request_id: &str,
+) -> ApiResult<()> {
+    let crate::fsm::meta::Spec::User { api_keys, .. } = &rec.spec else {
+        return Err(ApiError::Internal("API key added to a non-user".into()));
+    };
+    match api_keys.iter().find(|k| k.key_id == key_id) {
+        Some(k) if k.sha256 == *made => Ok(()),
+        _ => Err(ApiError::Meta(
+            MetaErrorKind::AlreadyExists,
+            format!(
+                "request id {request_id:?} already created API key {key_id:?}; its secret was \
+                 returned to that first call only and is never stored: if it was lost, revoke \
+                 the key and create another with a new request id"
+            ),
+        )),
+    }
+}
+
 /// Most resources one CheckPermissions call may ask about.
 pub const MAX_CHECK_BATCH: usize = 1000;
 
@@ -246,16 +272,20 @@ impl Api {
         );
         let op = MetaOp::AddApiKey {
             user,
-            key_id: r.key_id,
+            key_id: r.key_id.clone(),
             sha256: sha256(&secret),
             grace_ms: r.grace_ms,
         };
+        let request_id = r.request_id.clone();
         match self.meta_write(r.request_id, op).await? {
-            (MetaResponse::Record(rec), revision) => Ok(pb::CreateApiKeyResponse {
-                secret,
-                service_account: Some(record_to_pb(&rec)),
-                revision,
-            }),
+            (MetaResponse::Record(rec), revision) => {
+                refuse_replayed_key(&rec, &r.key_id, &sha256(&secret), &request_id)?;
+                Ok(pb::CreateApiKeyResponse {
+                    secret,
+                    service_account: Some(record_to_pb(&rec)),
+                    revision,
+                })
+            }
             (other, _) => Err(ApiError::Internal(format!(
                 "unexpected meta response {other:?}"
             ))),
