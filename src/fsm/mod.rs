@@ -660,10 +660,22 @@ fn apply_command(
             failure,
         } => apply_txn(state, index, compares, success, failure, muts),
         Command::Meta { at_ms, op, .. } => {
-            let op: meta::MetaOp = crate::codec::decode(op).map_err(|e| FsmError::Corrupt {
-                key: Vec::new(),
-                reason: format!("meta op at index {index}: {e}"),
-            })?;
+            let op: meta::MetaOp = match crate::codec::decode(op) {
+                Ok(op) => op,
+                // Every replica decodes the same bytes the same way: answer with an error and
+                // write nothing. A stop here would stop every replica at this entry, and again
+                // after every restart (the entry stays in the log). An op only a newer binary
+                // decodes carries a newer format, which `apply_entry` stops at instead.
+                Err(e) => {
+                    return Ok(Response::Meta {
+                        revision: index,
+                        response: meta::MetaResponse::Error {
+                            kind: meta::MetaErrorKind::Invalid,
+                            message: format!("the metadata operation does not decode: {e}"),
+                        },
+                    })
+                }
+            };
             let (m, response) = meta::apply::apply_meta(state, index, *at_ms, &op)?;
             muts.extend(m);
             Ok(Response::Meta {

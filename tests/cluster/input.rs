@@ -259,6 +259,34 @@ async fn t07_bad_input_on_every_rpc_is_a_clear_error() {
         .expect_err("an oversized batch is refused");
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("at most"), "{}", s.message());
+    // The poison entry of issue 24: a Request (format 2, no request id) carrying a meta op of
+    // format 1 whose bytes do not decode, handed to the leader's Forward. It is committed and
+    // answered with an error on every replica; before, every replica stopped at it for good.
+    let leader = c.wait_for_leader(Duration::from_secs(10)).await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.nodes[leader].peer))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to the leader's peer port");
+    let poison = vec![0x02, 0x00, 0x03, 0x01, 0x00, 0x02, 0xff, 0xff];
+    let answer = metaraft::pb::peer::peer_client::PeerClient::new(ch)
+        .forward(metaraft::pb::peer::Blob { data: poison })
+        .await
+        .expect("the leader takes the forwarded write");
+    let answer: metaraft::consensus::Forwarded<metaraft::fsm::Response> =
+        metaraft::codec::decode(&answer.into_inner().data).expect("decode the answer");
+    assert!(
+        matches!(
+            &answer,
+            metaraft::consensus::Forwarded::Ok(metaraft::fsm::Response::Meta {
+                response: metaraft::fsm::meta::MetaResponse::Error { .. },
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+    assert!(put(&c.client(), "after-poison", "1").await > 0);
+    c.wait_converged(Duration::from_secs(20)).await;
     // Nothing above was written.
     assert_eq!(get_value(&c.client(), "k").await, None);
     assert_eq!(get_value(&c.client(), "k0").await, None);

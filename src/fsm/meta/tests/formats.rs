@@ -138,3 +138,36 @@ fn format_1_records_still_decode() {
     assert_eq!(r.name, "vision");
     assert_eq!(r.kind(), Kind::Project);
 }
+
+/// A meta command of a known format whose op does not decode (a peer's garbage, a bug) is an
+/// error answer on every replica, remembered under its request id, and writes nothing else; it
+/// never stops apply. (The bytes of issue 24: format 1, op `ff ff`.)
+#[test]
+fn an_undecodable_meta_op_is_an_error_answer_not_a_stop() {
+    let mut w = World::new();
+    let before = w.s.0.clone();
+    let cmd = Command::Meta {
+        format: META_FORMAT_VERSION,
+        at_ms: 0,
+        op: vec![0xff, 0xff],
+    };
+    let r =
+        w.s.try_run(1, &Request::new("", cmd.clone()), Dedup::window(100))
+            .expect("applied, not a stop");
+    match r.response {
+        Response::Meta {
+            response: MetaResponse::Error { kind, message },
+            ..
+        } => {
+            assert_eq!(kind, MetaErrorKind::Invalid);
+            assert!(message.contains("does not decode"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(before, w.s.0, "nothing written");
+    // With a request id, a retry gets the same answer.
+    let first = w.s.run(2, &Request::new("poison-1", cmd.clone()), 100);
+    let again = w.s.run(3, &Request::new("poison-1", cmd), 100);
+    assert_eq!(first.revision(), 2);
+    assert_eq!(again, first);
+}
