@@ -270,16 +270,17 @@ impl Api {
             rand::random::<u128>(),
             rand::random::<u128>()
         );
+        let hash = sha256(&secret);
         let op = MetaOp::AddApiKey {
             user,
             key_id: r.key_id.clone(),
-            sha256: sha256(&secret),
+            sha256: hash,
             grace_ms: r.grace_ms,
         };
         let request_id = r.request_id.clone();
         match self.meta_write(r.request_id, op).await? {
             (MetaResponse::Record(rec), revision) => {
-                refuse_replayed_key(&rec, &r.key_id, &sha256(&secret), &request_id)?;
+                refuse_replayed_key(&rec, &r.key_id, &hash, &request_id)?;
                 Ok(pb::CreateApiKeyResponse {
                     secret,
                     service_account: Some(record_to_pb(&rec)),
